@@ -1,0 +1,1 @@
+"""The `longrope` command line: thin click commands over the library."""

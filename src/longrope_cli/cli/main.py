@@ -1,0 +1,69 @@
+"""`longrope`: the command group. Commands are imported lazily so that --help is instant."""
+
+from __future__ import annotations
+
+import importlib
+
+import click
+
+from longrope_cli import __version__
+
+COMMANDS = {
+    "search": ("longrope_cli.cli.search", "search"),
+    "finetune": ("longrope_cli.cli.finetune", "finetune"),
+    "readjust": ("longrope_cli.cli.readjust", "readjust"),
+    "eval": ("longrope_cli.cli.evaluate", "evaluate"),
+    "export": ("longrope_cli.cli.export", "export"),
+    "run": ("longrope_cli.cli.run", "run"),
+    "recipe": ("longrope_cli.cli.recipe", "recipe"),
+}
+
+SHORT_HELP = {
+    "search": "Evolutionary search for LongRoPE factors at a target length.",
+    "finetune": "Fine-tune a model with a factor file at the target length.",
+    "readjust": "Search short-context factors on an extended model.",
+    "eval": "Perplexity across lengths and passkey retrieval vs PI / NTK / YaRN.",
+    "export": "Write a Hugging Face model directory that plain transformers loads.",
+    "run": "Run a recipe's stages in order (resumes completed stages).",
+    "recipe": "Show, validate and document recipe files.",
+}
+
+
+class LazyGroup(click.Group):
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return list(COMMANDS)
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name not in COMMANDS:
+            return None
+        module, attr = COMMANDS[name]
+        return getattr(importlib.import_module(module), attr)
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        rows = [(name, SHORT_HELP[name]) for name in COMMANDS]
+        with formatter.section("Commands"):
+            formatter.write_dl(rows)
+
+
+EPILOG = """\b
+Examples:
+  $ longrope search --model testbed --target 2k --out runs/search-2k
+  $ longrope eval --model testbed --lengths 256,512,1k,2k --methods none,pi,yarn,runs/search-2k/factors.json
+  $ longrope finetune recipes/tiny.yaml --factors runs/search-2k/factors.json --target 2k
+  $ longrope run recipes/tiny.yaml            # the whole progressive pipeline
+  $ longrope recipe validate recipes/llama2-7b-2m.yaml search.population=32
+"""
+
+
+@click.group(cls=LazyGroup, epilog=EPILOG, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="longrope")
+def cli() -> None:
+    """LongRoPE context-window extension for Hugging Face RoPE models.
+
+    Every stage takes an optional RECIPE.yaml, then key=value overrides, then flags;
+    precedence: defaults < recipe < key=value < flags.
+    """
+
+
+def main() -> None:
+    cli(prog_name="longrope")

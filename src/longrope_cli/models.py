@@ -1,0 +1,118 @@
+"""Load a causal LM and its tokenizer (local directory, GGUF file, or the bundled test bed)."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from longrope_cli.errors import ModelError
+from longrope_cli.rope.layout import RopeLayout, layout_from_config
+
+log = logging.getLogger(__name__)
+
+ASSETS = Path(__file__).resolve().parent / "assets"
+TESTBED_NAME = "testbed"
+
+
+def testbed_path() -> Path:
+    """The bundled CPU test-bed model directory."""
+    return ASSETS / "testbed"
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for longrope: the transformers model, its tokenizer and its rotary layout."""
+
+    model: Any
+    tokenizer: Any
+    layout: RopeLayout
+    name: str
+    path: Path
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+
+def resolve_model(name: str) -> tuple[Path, str | None]:
+    """(directory, gguf file name or None) for a model name: 'testbed', a local HF directory or a .gguf file."""
+    if name == TESTBED_NAME:
+        path = testbed_path()
+        if not (path / "config.json").is_file():
+            raise ModelError("the bundled test-bed model is missing; reinstall longrope or run scripts/train_testbed.py")
+        return path, None
+    path = Path(name).expanduser()
+    if path.is_file() and path.suffix.lower() == ".gguf":
+        return path.parent, path.name
+    if path.is_dir():
+        if (path / "config.json").is_file():
+            return path, None
+        ggufs = sorted(path.glob("*.gguf"))
+        if len(ggufs) == 1:
+            return path, ggufs[0].name
+        raise ModelError(f"model directory {name!r} has no config.json; give a Hugging Face model directory")
+    raise ModelError(
+        f"model {name!r} not found; give a local Hugging Face directory, a .gguf file, or 'testbed' "
+        "(models are never downloaded at run time)")
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError:
+        raise ModelError(f"device {device!r} is not a torch device; use auto, cpu or cuda[:N]") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ModelError(f"device {device!r} requested but CUDA is not available; use --device cpu")
+    return resolved
+
+
+def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+
+
+def load_model(
+    name: str = TESTBED_NAME,
+    *,
+    dtype: str = "auto",
+    device: str = "auto",
+    attn_implementation: str = "sdpa",
+    original_length: int | None = None,
+    trust_remote_code: bool = False,
+) -> LoadedModel:
+    """Load model + tokenizer with no hub access. `name`: 'testbed', a local directory, or a .gguf file.
+
+    Example:
+        >>> lm = load_model("testbed")
+        >>> lm.layout.original_length
+        256
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for the hub: everything is local
+    path, gguf = resolve_model(name)
+    target_device = pick_device(device)
+    kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
+    if gguf:
+        kwargs["gguf_file"] = gguf
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=pick_dtype(dtype, target_device), attn_implementation=attn_implementation, **kwargs)
+    except (OSError, ValueError, ImportError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ModelError(f"cannot load model {name!r}: {first}") from None
+    model.to(target_device)
+    model.eval()
+    layout = layout_from_config(model.config, name=name, original_length=original_length)
+    if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return LoadedModel(model=model, tokenizer=tokenizer, layout=layout, name=name, path=path)

@@ -1,0 +1,92 @@
+"""The classic RoPE extensions, each written as a `FactorSet` so that one rotary module runs them all.
+
+lambda_i is the divisor of theta_i (high frequency first). The formulas follow transformers'
+`linear`, `dynamic` and `yarn` rope types exactly, which the tests check logit for logit.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+from longrope_cli.errors import RecipeError
+from longrope_cli.rope.factors import FactorSet, attention_factor
+from longrope_cli.rope.layout import RopeLayout
+
+
+def none_factors(layout: RopeLayout, target_length: int) -> FactorSet:
+    """Plain RoPE: no interpolation (positions beyond the window extrapolate)."""
+    return FactorSet(long_factor=(1.0,) * layout.pairs, target_length=target_length, method="none")
+
+
+def pi_factors(layout: RopeLayout, target_length: int) -> FactorSet:
+    """Position interpolation: every frequency divided by s."""
+    s = max(1.0, layout.scale(target_length))
+    return FactorSet(long_factor=(s,) * layout.pairs, target_length=target_length, method="pi")
+
+
+def _ntk_lambdas(layout: RopeLayout, alpha: float) -> tuple[float, ...]:
+    """lambda_i for base' = base * alpha ** (d / (d - 2)), i.e. lambda_i = alpha ** (2i / (d - 2))."""
+    d = layout.rotary_dim
+    return tuple(alpha ** (2 * i / (d - 2)) for i in range(layout.pairs))
+
+
+def ntk_factors(layout: RopeLayout, target_length: int) -> FactorSet:
+    """NTK-aware scaling: raise the base so the lowest frequency is interpolated by s, the highest not at all."""
+    s = max(1.0, layout.scale(target_length))
+    return FactorSet(long_factor=_ntk_lambdas(layout, s), target_length=target_length, method="ntk")
+
+
+def dynamic_ntk_factors(layout: RopeLayout, target_length: int, factor: float | None = None) -> FactorSet:
+    """Dynamic NTK evaluated at `target_length`, as transformers' `dynamic` rope type with `factor`
+    (default: s) computes it: alpha = factor * L / L_orig - (factor - 1)."""
+    s = layout.scale(target_length)
+    factor = s if factor is None else factor
+    alpha = factor * s - (factor - 1.0) if s > 1.0 else 1.0
+    return FactorSet(long_factor=_ntk_lambdas(layout, alpha), target_length=target_length, method="dynamic-ntk")
+
+
+def yarn_factors(
+    layout: RopeLayout, target_length: int, beta_fast: float = 32.0, beta_slow: float = 1.0
+) -> FactorSet:
+    """YaRN ("NTK-by-parts"): extrapolate fast wavelengths, interpolate slow ones by s, ramp in between;
+    attention factor 0.1 ln s + 1."""
+    s = max(1.0, layout.scale(target_length))
+    d, base, original = layout.rotary_dim, layout.rope_theta, layout.original_length
+
+    def correction_dim(rotations: float) -> float:
+        return (d * math.log(original / (rotations * 2 * math.pi))) / (2 * math.log(base))
+
+    low = max(math.floor(correction_dim(beta_fast)), 0)
+    high = min(math.ceil(correction_dim(beta_slow)), d - 1)
+    if low == high:
+        high += 0.001  # transformers' guard against a zero-width ramp
+    factors = []
+    for i in range(layout.pairs):
+        ramp = min(max((i - low) / (high - low), 0.0), 1.0)
+        extrapolate = 1.0 - ramp  # 1: keep theta_i, 0: divide by s
+        factors.append(1.0 / ((1.0 - extrapolate) / s + extrapolate))
+    return FactorSet(
+        long_factor=tuple(factors),
+        target_length=target_length,
+        method="yarn",
+        attention=attention_factor("yarn", s, original),
+        attention_policy="yarn",
+    )
+
+
+BASELINES: dict[str, Callable[[RopeLayout, int], FactorSet]] = {
+    "none": none_factors,
+    "pi": pi_factors,
+    "ntk": ntk_factors,
+    "dynamic-ntk": dynamic_ntk_factors,
+    "yarn": yarn_factors,
+}
+
+
+def baseline_factors(name: str, layout: RopeLayout, target_length: int) -> FactorSet:
+    """Look up a baseline by name (none, pi, ntk, dynamic-ntk, yarn)."""
+    try:
+        return BASELINES[name](layout, target_length)
+    except KeyError:
+        raise RecipeError(f"unknown method {name!r}; use one of {', '.join(BASELINES)} or a factor file") from None

@@ -1,0 +1,98 @@
+"""Export a model with LongRoPE factors as a Hugging Face directory that plain transformers loads.
+
+The layout below is the one that transformers 4.57 and 5.x both read identically: top-level
+`original_max_position_embeddings` and `rope_theta`, `max_position_embeddings` = target, and the same
+longrope dict under both `rope_scaling` (read by 4.x) and `rope_parameters` (written by 5.x, which 4.57
+would otherwise silently ignore and run as plain RoPE).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+from longrope_cli.errors import FactorFileError
+from longrope_cli.lengths import format_length
+from longrope_cli.outputs import atomic_write_json
+from longrope_cli.rope.factors import FactorSet
+from longrope_cli.rope.layout import RopeLayout
+from longrope_cli.rope.rotary import installed_factors, remove_factors
+
+log = logging.getLogger(__name__)
+
+
+def longrope_rope_parameters(factors: FactorSet, layout: RopeLayout, target_length: int) -> dict[str, Any]:
+    """The `rope_scaling` / `rope_parameters` dict of transformers' `longrope` rope type."""
+    if factors.start_tokens:
+        raise FactorFileError(
+            f"factors keep n-hat={factors.start_tokens} start tokens un-interpolated, which transformers' longrope "
+            "cannot express; search with search.start_tokens=0 for an exportable result (or load with "
+            "longrope_cli.install_factors)")
+    short = factors.short_factor if factors.short_factor is not None else (1.0,) * layout.pairs
+    return {
+        "rope_type": "longrope",
+        "short_factor": list(short),
+        "long_factor": list(factors.long_factor),
+        "original_max_position_embeddings": layout.original_length,
+        "factor": target_length / layout.original_length,
+        # Written explicitly: transformers would otherwise derive it from `factor` (the su policy),
+        # which silently differs from a yarn or fixed attention scale.
+        "attention_factor": float(factors.attention),
+    }
+
+
+def exportable_config(config: dict[str, Any], factors: FactorSet, layout: RopeLayout, target_length: int) -> dict:
+    """Rewrite a config.json mapping so that plain transformers runs `factors` at up to `target_length`."""
+    params = longrope_rope_parameters(factors, layout, target_length)
+    config = dict(config)
+    config["max_position_embeddings"] = target_length
+    config["original_max_position_embeddings"] = layout.original_length
+    config["rope_theta"] = layout.rope_theta
+    config["rope_scaling"] = dict(params)
+    config["rope_parameters"] = {**params, "rope_theta": layout.rope_theta}
+    if layout.rotary_dim != layout.head_dim:
+        partial = layout.rotary_dim / layout.head_dim
+        config["rope_parameters"]["partial_rotary_factor"] = partial
+        config["rope_scaling"]["partial_rotary_factor"] = partial
+    return config
+
+
+def export_model(model: Any, tokenizer: Any, factors: FactorSet, layout: RopeLayout, out_dir: str | Path,
+                 target_length: int | None = None) -> Path:
+    """Write `out_dir` (weights, tokenizer, config with longrope factors, factors.json) for plain transformers.
+
+    Example:
+        >>> export_model(lm.model, lm.tokenizer, factors, lm.layout, "runs/export")  # doctest: +SKIP
+    """
+    target = target_length or factors.target_length
+    if not target or target <= layout.original_length:
+        raise FactorFileError(
+            f"export needs a target longer than the original window {format_length(layout.original_length)}; "
+            "pass --target")
+    factors.check(layout, source="export")
+    longrope_rope_parameters(factors, layout, target)  # refuse n-hat > 0 before writing anything
+    out = Path(out_dir)
+    tmp = out.with_name(out.name + ".partial")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    active = installed_factors(model)
+    remove_factors(model)  # save transformers' own modules, not ours
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+    finally:
+        if active is not None:
+            from longrope_cli.rope.rotary import install_factors
+
+            install_factors(model, active, layout)
+    tokenizer.save_pretrained(tmp)
+    config_path = tmp / "config.json"
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    atomic_write_json(config_path, exportable_config(config, factors, layout, target))
+    factors.with_provenance(exported_to=str(out)).save(tmp / "factors.json", layout)
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)  # the export appears complete or not at all
+    return out

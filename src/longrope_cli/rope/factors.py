@@ -1,0 +1,250 @@
+"""`FactorSet`: per-pair rescale factors, start tokens and attention scale, with the JSON factor file.
+
+A factor set fully describes a positional interpolation of RoPE: angle(n, i) = n * theta_i / lambda_i
+for positions n >= start_tokens (n-hat), n * theta_i below it; cos and sin are multiplied by the
+attention factor. Every method (none, PI, NTK, YaRN, LongRoPE) is one of these, so one rotary module
+serves them all. With `short_factor` set, the short factors apply while the sequence fits in the
+original window and the long ones beyond it, exactly as transformers' `rope_type: longrope` does.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from longrope_cli.errors import FactorFileError
+from longrope_cli.lengths import format_length
+from longrope_cli.outputs import atomic_write_json
+from longrope_cli.rope.layout import RopeLayout
+
+FORMAT_NAME = "longrope-factors"
+FORMAT_VERSION = 1
+ATTENTION_POLICIES = ("su", "yarn", "none")
+
+
+def attention_factor(policy: str, scale: float, original_length: int) -> float:
+    """The cos/sin multiplier for a policy: su = sqrt(1 + ln s / ln L), yarn = 0.1 ln s + 1, none = 1, or a number."""
+    if policy == "none" or scale <= 1.0:
+        return 1.0 if policy in ATTENTION_POLICIES else _fixed_policy(policy)
+    if policy == "su":
+        return math.sqrt(1.0 + math.log(scale) / math.log(original_length))
+    if policy == "yarn":
+        return 0.1 * math.log(scale) + 1.0
+    return _fixed_policy(policy)
+
+
+def _fixed_policy(policy: str) -> float:
+    try:
+        value = float(policy)
+    except ValueError:
+        raise FactorFileError(
+            f"attention scale {policy!r} is unknown; use su, yarn, none or a positive number") from None
+    if not math.isfinite(value) or value <= 0:
+        raise FactorFileError(f"attention scale {policy!r} must be a positive number")
+    return value
+
+
+@dataclass(frozen=True)
+class FactorSet:
+    """One positional interpolation: lambda_i per frequency pair (high to low frequency), n-hat, attention scale.
+
+    Example:
+        >>> fs = FactorSet(long_factor=(1.0, 1.5, 2.0, 2.0), start_tokens=4, attention=1.1)
+        >>> fs.pairs
+        4
+    """
+
+    long_factor: tuple[float, ...]
+    start_tokens: int = 0
+    attention: float = 1.0
+    attention_policy: str = "none"
+    short_factor: tuple[float, ...] | None = None
+    target_length: int | None = None
+    method: str = "longrope"
+    provenance: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "long_factor", tuple(float(x) for x in self.long_factor))
+        if self.short_factor is not None:
+            object.__setattr__(self, "short_factor", tuple(float(x) for x in self.short_factor))
+
+    @property
+    def pairs(self) -> int:
+        return len(self.long_factor)
+
+    def with_provenance(self, **info: Any) -> FactorSet:
+        return replace(self, provenance={**self.provenance, **info})
+
+    def check(self, layout: RopeLayout, *, paper_constraints: bool = False, source: str = "factor set") -> FactorSet:
+        """Refuse factors that do not fit `layout` (count, finite, positive); optionally the paper's constraints."""
+        for name, values in (("long_factor", self.long_factor), ("short_factor", self.short_factor)):
+            if values is None:
+                continue
+            if len(values) != layout.pairs:
+                raise FactorFileError(
+                    f"{source}: {name} has {len(values)} values but model {layout.name!r} has {layout.pairs} "
+                    f"frequency pairs (rotary dim {layout.rotary_dim}); it was made for another model")
+            bad = [i for i, v in enumerate(values) if not math.isfinite(v) or v <= 0]
+            if bad:
+                raise FactorFileError(f"{source}: {name}[{bad[0]}] = {values[bad[0]]} is not a finite positive number")
+            if paper_constraints:
+                if min(values) < 1.0:
+                    i = min(range(len(values)), key=values.__getitem__)
+                    raise FactorFileError(f"{source}: {name}[{i}] = {values[i]} < 1 (the paper requires lambda_i >= 1)")
+                drops = [i for i in range(1, len(values)) if values[i] < values[i - 1]]
+                if drops:
+                    i = drops[0]
+                    raise FactorFileError(
+                        f"{source}: {name} decreases at pair {i} ({values[i - 1]} -> {values[i]}); the paper "
+                        "requires lambda_i non-decreasing from high to low frequency")
+        if self.start_tokens < 0:
+            raise FactorFileError(f"{source}: start_tokens (n-hat) must be >= 0, got {self.start_tokens}")
+        if not math.isfinite(self.attention) or self.attention <= 0:
+            raise FactorFileError(f"{source}: attention factor must be a positive number, got {self.attention}")
+        return self
+
+    # ------------------------------------------------------------------ file format
+
+    def to_dict(self, layout: RopeLayout) -> dict[str, Any]:
+        """The versioned JSON document (see README, "Factor file format")."""
+        return {
+            "format": FORMAT_NAME,
+            "version": FORMAT_VERSION,
+            "method": self.method,
+            "model": layout.to_dict(),
+            "target_length": self.target_length,
+            "scale": layout.scale(self.target_length) if self.target_length else None,
+            "long_factor": list(self.long_factor),
+            "start_tokens": self.start_tokens,
+            "attention": {"policy": self.attention_policy, "factor": self.attention},
+            "short_factor": list(self.short_factor) if self.short_factor is not None else None,
+            "provenance": self.provenance,
+        }
+
+    def save(self, path: str | Path, layout: RopeLayout) -> Path:
+        """Write the factor file atomically (a crash never leaves a half-written file)."""
+        self.check(layout, source=str(path))
+        atomic_write_json(path, self.to_dict(layout))
+        return Path(path)
+
+
+def _as_floats(values: Any, key: str, source: str) -> tuple[float, ...]:
+    if not isinstance(values, list) or not values:
+        raise FactorFileError(f"{source}: {key} must be a non-empty list of numbers")
+    try:
+        return tuple(float(v) for v in values)
+    except (TypeError, ValueError):
+        raise FactorFileError(f"{source}: {key} must contain only numbers") from None
+
+
+def _read_csv(path: Path) -> FactorSet:
+    """The official search's `result_final.csv`: d/2 floats, one per line (commas also accepted)."""
+    values = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        for cell in line.replace(";", ",").split(","):
+            cell = cell.strip()
+            if not cell:
+                continue
+            try:
+                values.append(float(cell))
+            except ValueError:
+                if values:  # a header is fine, text after numbers is not
+                    raise FactorFileError(f"{path}: {cell!r} is not a number; expected one factor per line") from None
+    if not values:
+        raise FactorFileError(f"{path}: no factors found; expected one number per line")
+    return FactorSet(long_factor=tuple(values), method="longrope-csv", provenance={"source": str(path)})
+
+
+def _from_mapping(data: dict[str, Any], source: str) -> tuple[FactorSet, dict[str, Any]]:
+    if "rope_parameters" in data or "rope_scaling" in data:  # an exported config.json
+        data = data.get("rope_parameters") or data.get("rope_scaling") or {}
+    if "long_factor" not in data:
+        raise FactorFileError(f"{source}: no 'long_factor' list; is this a longrope factor file?")
+    if data.get("format") not in (None, FORMAT_NAME):
+        raise FactorFileError(f"{source}: format {data.get('format')!r} is not {FORMAT_NAME!r}")
+    version = data.get("version", FORMAT_VERSION)
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise FactorFileError(f"{source}: format version {version!r} is newer than this longrope understands; upgrade")
+    attention = data.get("attention") or {}
+    if not isinstance(attention, dict):
+        attention = {"policy": "fixed", "factor": attention}
+    if "attention_factor" in data and not attention:
+        attention = {"policy": "fixed", "factor": data["attention_factor"]}
+    short = data.get("short_factor")
+    start_tokens = data.get("start_tokens", 0)
+    if not isinstance(start_tokens, int) or isinstance(start_tokens, bool):
+        raise FactorFileError(f"{source}: start_tokens must be an integer, got {start_tokens!r}")
+    try:
+        factor = float(attention.get("factor", 1.0))
+    except (TypeError, ValueError):
+        raise FactorFileError(f"{source}: attention.factor must be a number") from None
+    factors = FactorSet(
+        long_factor=_as_floats(data["long_factor"], "long_factor", source),
+        start_tokens=start_tokens,
+        attention=factor,
+        attention_policy=str(attention.get("policy", "none")),
+        short_factor=_as_floats(short, "short_factor", source) if short is not None else None,
+        target_length=data.get("target_length"),
+        method=str(data.get("method", "longrope")),
+        provenance=dict(data.get("provenance") or {}),
+    )
+    return factors, dict(data.get("model") or {})
+
+
+def load_factors(path: str | Path, layout: RopeLayout | None = None, target_length: int | None = None) -> FactorSet:
+    """Read a factor file (our JSON, an exported config.json, or the official `result_final.csv`) and check it.
+
+    With `layout`, the file must match the model (pair count, rope_theta, original window); with
+    `target_length`, it must have been made for that target. Every mismatch is a one-line error.
+    """
+    path = Path(path)
+    source = str(path)
+    if path.is_dir() and (path / "factors.json").is_file():
+        path = path / "factors.json"
+        source = str(path)
+    if not path.is_file():
+        raise FactorFileError(f"factor file {source!r} not found; pass the factors.json written by a previous stage")
+    if path.suffix.lower() == ".csv":
+        factors, model = _read_csv(path), {}
+    else:
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise FactorFileError(f"{source}: not valid JSON ({err.msg if hasattr(err, 'msg') else err})") from None
+        if not isinstance(data, dict):
+            raise FactorFileError(f"{source}: expected a JSON object with 'long_factor'")
+        factors, model = _from_mapping(data, source)
+    if layout is not None:
+        _check_model(model, layout, source)
+        factors.check(layout, source=source)
+    if target_length is not None and factors.target_length not in (None, target_length):
+        raise FactorFileError(
+            f"{source}: made for target {format_length(factors.target_length)}, this stage targets "
+            f"{format_length(target_length)}; pass --target {format_length(factors.target_length)} or search again")
+    return factors.with_provenance(loaded_from=source) if "loaded_from" not in factors.provenance else factors
+
+
+def _check_model(model: dict[str, Any], layout: RopeLayout, source: str) -> None:
+    checks = (
+        ("rotary_dim", layout.rotary_dim),
+        ("rope_theta", layout.rope_theta),
+        ("original_length", layout.original_length),
+    )
+    for key, expected in checks:
+        if key in model and model[key] is not None and float(model[key]) != float(expected):
+            raise FactorFileError(
+                f"{source}: made for a model with {key}={model[key]} ({model.get('name', '?')}), but "
+                f"{layout.name!r} has {key}={expected}; use factors searched on this model")
+
+
+def relative_to_absolute(relative: FactorSet, base: FactorSet) -> FactorSet:
+    """Progressive search: absolute lambda_i = relative lambda_i x base lambda_i (the fine-tuned model's factors)."""
+    if relative.pairs != base.pairs:
+        raise FactorFileError(f"relative factors have {relative.pairs} pairs, base factors {base.pairs}")
+    return replace(
+        relative,
+        long_factor=tuple(r * b for r, b in zip(relative.long_factor, base.long_factor, strict=True)),
+    )

@@ -1,0 +1,84 @@
+"""Shared fixtures: a tiny random Llama (seconds to build) and a tiny corpus for unit tests."""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+SPLIT_SEEDS = {"train": 1, "search": 2, "eval": 3}
+WORDS = ("the of and to a in that was her she it not be his as had with for you he but my all so at "
+         "which have by on mr elizabeth would very could said they were been from this sister more what").split()
+
+
+def tiny_text(n_words: int, seed: int) -> str:
+    rng = random.Random(seed)
+    sentences, words = [], 0
+    while words < n_words:
+        k = rng.randint(5, 15)
+        sentences.append(" ".join(rng.choice(WORDS) for _ in range(k)).capitalize() + ".")
+        words += k
+    return " ".join(sentences)
+
+
+def build_tiny_tokenizer(tmp: Path):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["<s>", "</s>", "<unk>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator([tiny_text(3000, 0)], trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    return fast
+
+
+def tiny_llama(rope_parameters: dict | None = None, original: int = 64, max_positions: int | None = None,
+               vocab: int = 320, seed: int = 0, **overrides):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    params = {"rope_type": "default", "rope_theta": 10000.0, **(rope_parameters or {})}
+    config = LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=max_positions or original,
+                         rope_parameters=params, attn_implementation="sdpa", **overrides)
+    model = LlamaForCausalLM(config).eval()
+    return model
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tmp_path_factory):
+    return build_tiny_tokenizer(tmp_path_factory.mktemp("tok"))
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tiny_tokenizer) -> Path:
+    """A saved tiny Llama (original window 64) with a tokenizer: a stand-in for a real HF directory."""
+    path = tmp_path_factory.mktemp("tiny-model")
+    model = tiny_llama(vocab=len(tiny_tokenizer))
+    model.save_pretrained(path)
+    tiny_tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_corpus(tmp_path_factory) -> Path:
+    """train/ search/ eval/ folders of plain-text documents."""
+    root = tmp_path_factory.mktemp("corpus")
+    for split, n in (("train", 3), ("search", 3), ("eval", 3)):
+        (root / split).mkdir()
+        for i in range(n):
+            (root / split / f"doc{i}.txt").write_text(tiny_text(1500, 1000 * SPLIT_SEEDS[split] + i), encoding="utf-8")
+    return root

@@ -1,0 +1,161 @@
+"""Our rotary module against transformers' own rope types, logit for logit."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import tiny_llama
+
+from longrope_cli.errors import FactorFileError, ModelError
+from longrope_cli.rope import baselines
+from longrope_cli.rope.factors import FactorSet, attention_factor
+from longrope_cli.rope.layout import layout_from_config
+from longrope_cli.rope.rotary import LongRopeRotaryEmbedding, install_factors, installed_factors, remove_factors
+
+ORIGINAL = 64
+
+
+def logits(model, length: int, seed: int = 1) -> torch.Tensor:
+    torch.manual_seed(seed)
+    ids = torch.randint(0, model.config.vocab_size, (1, length))
+    with torch.no_grad():
+        return model(ids).logits
+
+
+def same_weights(reference, rope_parameters=None, **kw):
+    model = tiny_llama(rope_parameters, **kw)
+    model.load_state_dict(reference.state_dict())
+    return model
+
+
+def monotone_factors(pairs: int, top: float, seed: int = 0) -> list[float]:
+    gen = torch.Generator().manual_seed(seed)
+    steps = torch.rand(pairs, generator=gen)
+    values = 1.0 + (top - 1.0) * torch.cumsum(steps, 0) / steps.sum()
+    return [round(float(v), 2) for v in values]
+
+
+@pytest.mark.parametrize("length", [ORIGINAL // 2, ORIGINAL * 3])
+def test_matches_transformers_longrope_below_and_above_window(length):
+    pairs = 16
+    long_f, short_f = monotone_factors(pairs, 5.0, 0), monotone_factors(pairs, 1.3, 1)
+    hf = tiny_llama({"rope_type": "longrope", "long_factor": long_f, "short_factor": short_f, "factor": 4.0,
+                     "original_max_position_embeddings": ORIGINAL}, max_positions=ORIGINAL * 4)
+    ours = same_weights(hf)
+    layout = layout_from_config(ours.config)
+    scale = attention_factor("su", 4.0, ORIGINAL)
+    install_factors(ours, FactorSet(long_factor=long_f, short_factor=short_f, attention=scale, attention_policy="su"))
+    expected = logits(hf, length)
+    assert layout.pairs == pairs
+    torch.testing.assert_close(logits(ours, length), expected, atol=2e-5, rtol=1e-4)
+    # and it really differs from plain RoPE (the test can fail)
+    plain = same_weights(hf)
+    assert not torch.allclose(logits(plain, length), expected, atol=1e-3)
+
+
+def test_pi_matches_linear():
+    hf = tiny_llama({"rope_type": "linear", "factor": 4.0})
+    ours = same_weights(hf)
+    install_factors(ours, baselines.pi_factors(layout_from_config(ours.config), ORIGINAL * 4))
+    torch.testing.assert_close(logits(ours, 150), logits(hf, 150), atol=2e-5, rtol=1e-4)
+
+
+def test_yarn_matches_yarn():
+    hf = tiny_llama({"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": ORIGINAL},
+                    max_positions=ORIGINAL * 4)
+    ours = same_weights(hf)
+    layout = layout_from_config(ours.config)
+    factors = baselines.yarn_factors(layout, ORIGINAL * 4)
+    assert factors.attention == pytest.approx(0.1 * math.log(4.0) + 1.0)
+    install_factors(ours, factors)
+    torch.testing.assert_close(logits(ours, 200), logits(hf, 200), atol=2e-5, rtol=1e-4)
+
+
+def test_dynamic_ntk_matches_dynamic_at_its_length():
+    length = ORIGINAL * 4
+    hf = tiny_llama({"rope_type": "dynamic", "factor": 4.0})
+    ours = same_weights(hf)
+    install_factors(ours, baselines.dynamic_ntk_factors(layout_from_config(ours.config), length))
+    torch.testing.assert_close(logits(ours, length), logits(hf, length), atol=5e-5, rtol=1e-4)
+
+
+def test_ntk_is_a_raised_base():
+    s = 4.0
+    model = tiny_llama()
+    layout = layout_from_config(model.config)
+    d = layout.rotary_dim
+    raised = tiny_llama({"rope_theta": 10000.0 * s ** (d / (d - 2))})
+    raised.load_state_dict(model.state_dict())
+    install_factors(model, baselines.ntk_factors(layout, int(ORIGINAL * s)))
+    torch.testing.assert_close(logits(model, 180), logits(raised, 180), atol=5e-5, rtol=1e-4)
+
+
+def test_start_tokens_keep_original_angles():
+    model = tiny_llama()
+    layout = layout_from_config(model.config)
+    module = LongRopeRotaryEmbedding(layout)
+    module.set_factors(FactorSet(long_factor=[3.0] * layout.pairs, start_tokens=8))
+    positions = torch.arange(20).view(1, -1)
+    cos, _ = module(torch.zeros(1, dtype=torch.float32), positions)
+    plain = positions[..., None].float() * layout.inv_freq()
+    scaled = plain / 3.0
+    expected_low = torch.cat((plain, plain), -1).cos()[:, :8]
+    expected_high = torch.cat((scaled, scaled), -1).cos()[:, 8:]
+    torch.testing.assert_close(cos[:, :8], expected_low)
+    torch.testing.assert_close(cos[:, 8:], expected_high)
+
+
+def test_none_factors_reproduce_the_model_and_remove_restores():
+    model = tiny_llama()
+    reference = logits(model, 100)
+    install_factors(model, baselines.none_factors(layout_from_config(model.config), 128))
+    assert installed_factors(model).method == "none"
+    torch.testing.assert_close(logits(model, 100), reference)
+    install_factors(model, baselines.pi_factors(layout_from_config(model.config), 256))  # swap without reload
+    assert not torch.allclose(logits(model, 100), reference, atol=1e-3)
+    remove_factors(model)
+    assert installed_factors(model) is None
+    torch.testing.assert_close(logits(model, 100), reference)
+
+
+def test_paper_constraints_are_enforced_on_request():
+    layout = layout_from_config(tiny_llama().config)
+    ok = FactorSet(long_factor=monotone_factors(layout.pairs, 4.0))
+    ok.check(layout, paper_constraints=True)
+    decreasing = FactorSet(long_factor=[1.0] * 8 + [2.0] + [1.5] * 7)
+    below_one = FactorSet(long_factor=[0.9] + [1.0] * 15)
+    decreasing.check(layout)  # allowed without the paper's constraints
+    with pytest.raises(FactorFileError, match="decreases at pair 9"):
+        decreasing.check(layout, paper_constraints=True)
+    with pytest.raises(FactorFileError, match="< 1"):
+        below_one.check(layout, paper_constraints=True)
+    with pytest.raises(FactorFileError, match="16 frequency pairs"):
+        FactorSet(long_factor=[1.0] * 5).check(layout)
+    with pytest.raises(FactorFileError, match="finite positive"):
+        FactorSet(long_factor=[1.0] * 15 + [float("nan")]).check(layout)
+
+
+def test_partial_rotary_dims_are_respected():
+    model = tiny_llama(rope_parameters={"partial_rotary_factor": 0.5})
+    layout = layout_from_config(model.config)
+    assert layout.rotary_dim == 16 and layout.pairs == 8
+
+
+def test_model_without_rotary_is_refused():
+    with pytest.raises(ModelError, match="no replaceable rotary"):
+        install_factors(torch.nn.Linear(2, 2), FactorSet(long_factor=[1.0]))
+
+
+def test_baselines_shapes_and_order():
+    layout = layout_from_config(tiny_llama().config)
+    target = ORIGINAL * 8
+    for name in baselines.BASELINES:
+        factors = baselines.baseline_factors(name, layout, target)
+        assert factors.pairs == layout.pairs
+        factors.check(layout, paper_constraints=True)
+    ntk = baselines.ntk_factors(layout, target).long_factor
+    assert ntk[0] == pytest.approx(1.0) and ntk[-1] == pytest.approx(8.0)
+    yarn = baselines.yarn_factors(layout, target).long_factor
+    assert yarn[0] == pytest.approx(1.0) and yarn[-1] == pytest.approx(8.0)
