@@ -91,3 +91,20 @@ def prepare_run_dir(out: str | Path, stage: str, recipe_dict: dict[str, Any]) ->
     atomic_write_text(out / "recipe.yaml", f"# resolved recipe of `longrope {stage}`\n" + yaml.safe_dump(recipe_dict, sort_keys=False))
     atomic_write_json(out / "env.json", {"stage": stage, **environment_info()})
     return out
+
+
+COMPLETE_MARKER = "complete.json"
+
+
+def mark_complete(out: str | Path, stage: str, artifact: str | Path, **summary: Any) -> None:
+    """Record, last and atomically, that a stage finished: `longrope run` skips stages that have this file."""
+    atomic_write_json(Path(out) / COMPLETE_MARKER, {
+        "stage": stage,
+        "artifact": str(Path(artifact).relative_to(out)) if Path(artifact).is_relative_to(out) else str(artifact),
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        **summary,
+    })
+
+
+def is_complete(out: str | Path) -> bool:
+    return (Path(out) / COMPLETE_MARKER).is_file()
