@@ -82,3 +82,21 @@ def tiny_corpus(tmp_path_factory) -> Path:
         for i in range(n):
             (root / split / f"doc{i}.txt").write_text(tiny_text(1500, 1000 * SPLIT_SEEDS[split] + i), encoding="utf-8")
     return root
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+def testbed_available() -> bool:
+    from longrope_cli.models import testbed_path
+
+    return (testbed_path() / "model.safetensors").is_file()
+
+
+requires_testbed = pytest.mark.skipif(not testbed_available(), reason="bundled test-bed model not built yet")
