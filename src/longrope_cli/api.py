@@ -54,6 +54,9 @@ def export(model: str | LoadedModel, factors: FactorSet | str | Path, out_dir: s
 
     from longrope_cli.rope.export import export_model
 
+    for source in (factors, short_factors):  # fail on a bad file before loading a large model
+        if source is not None and not isinstance(source, FactorSet):
+            load_factors(source)
     lm = model if isinstance(model, LoadedModel) else load_model(model, device=device)
     long_set = as_factor_set(factors, lm.layout)
     if short_factors is not None:

@@ -118,7 +118,10 @@ class EvalConfig:
                                 "baselines (none, pi, ntk, dynamic-ntk, yarn) and factor files")
     documents: int = _field(5, "eval-split documents per length")
     mode: Literal["truncate", "sliding"] = _field("truncate", "one window per document, or a sliding window")
-    stride: int | None = _field(None, "sliding-window stride (default: half the length)", "length")
+    stride: int | None = _field(None, "sliding-window stride (default: half the length; capped at the length)",
+                                "length")
+    sliding_tokens: int | None = _field(None, "sliding mode: tokens of each document the window slides over "
+                                              "(default: 4 x the length)", "length")
     passkey_lengths: list[int] = _field([], "passkey lengths (empty: no passkey test)", "lengths")
     passkey_depths: list[float] = _field([0.0, 0.25, 0.5, 0.75, 1.0], "relative depths of the key")
     passkey_trials: int = _field(10, "trials per (length, depth)")
@@ -156,7 +159,8 @@ class Recipe:
     eval: EvalConfig = field(default_factory=EvalConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
-    stages: list[StageConfig] = field(default_factory=list)
+    stages: list[StageConfig] = field(default_factory=list, metadata={
+        "doc": "pipeline stages run in order by `longrope run` (name, command, overrides)"})
 
 
 # --------------------------------------------------------------------------- coercion

@@ -1,0 +1,61 @@
+"""The command line: help with examples everywhere, one-line errors, exit codes, version."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from click.testing import CliRunner
+
+from longrope_cli import __version__
+from longrope_cli.cli.main import COMMANDS, cli
+
+
+def run(*args: str):
+    return CliRunner().invoke(cli, list(args))
+
+
+def test_version_and_group_help():
+    assert run("--version").output.strip().endswith(__version__)
+    out = run("--help").output
+    for name in COMMANDS:
+        assert name in out
+    assert "$ longrope search" in out
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_every_command_has_examples(command):
+    result = run(command, "--help")
+    assert result.exit_code == 0, result.output
+    assert f"$ longrope {command}" in result.output or "$ longrope" in result.output
+
+
+def test_recipe_show_validate_fields(tmp_path):
+    out = run("recipe", "show", "search.target=256k", "search.population=8")
+    assert out.exit_code == 0 and "target: 256k" in out.output and "population: 8" in out.output
+    good = tmp_path / "r.yaml"
+    good.write_text("search:\n  target: 2k\n")
+    assert run("recipe", "validate", str(good)).exit_code == 0
+    assert "search.population" in run("recipe", "fields").output
+
+
+@pytest.mark.parametrize("args,message", [
+    (["recipe", "show", "search.populaton=3"], "did you mean 'search.population'"),
+    (["recipe", "show", "search.target=4kb"], "search.target"),
+    (["recipe", "show", "stray"], "unexpected argument 'stray'"),
+    (["recipe", "validate", "missing.yaml"], "not found"),
+    (["export", "--model", "testbed", "--factors", "missing.json", "--out", "x"], "factor file"),
+])
+def test_user_mistakes_are_one_line_errors(args, message):
+    result = run(*args)
+    assert result.exit_code == 2
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.output
+    assert "Traceback" not in result.output
+
+
+def test_module_entry_point():
+    out = subprocess.run([sys.executable, "-m", "longrope_cli", "--version"], capture_output=True, text=True,
+                         check=True, timeout=60)
+    assert __version__ in out.stdout

@@ -1,0 +1,73 @@
+"""Corpora, splits and windows."""
+
+from __future__ import annotations
+
+import gzip
+import json
+
+import numpy as np
+import pytest
+
+from longrope_cli.data import load_corpus, make_windows, tokenize_documents
+from longrope_cli.errors import DataError
+
+
+def test_folder_splits_are_disjoint_and_windows_start_with_bos(tiny_corpus, tiny_tokenizer, tmp_path):
+    corpus = load_corpus(str(tiny_corpus))
+    ids = {split: {d.id for d in corpus.split(split)} for split in ("train", "search", "eval")}
+    assert ids["search"].isdisjoint(ids["eval"]) and ids["train"].isdisjoint(ids["eval"])
+    tokens = tokenize_documents(corpus.split("eval"), tiny_tokenizer, cache_dir=tmp_path)
+    windows = make_windows(tokens, 128, 6, tiny_tokenizer.bos_token_id)
+    assert windows.shape == (6, 128)
+    assert (windows[:, 0] == tiny_tokenizer.bos_token_id).all()
+    # round-robin: windows 0..2 are the first window of each document
+    for i in range(3):
+        assert windows[i, 1:].tolist() == tokens[i][:127].tolist()
+    # cached: the second call reads the same tokens back
+    again = tokenize_documents(corpus.split("eval"), tiny_tokenizer, cache_dir=tmp_path)
+    assert all(np.array_equal(a, b) for a, b in zip(tokens, again))
+
+
+def test_windows_per_doc_one_is_the_paper(tiny_corpus, tiny_tokenizer, tmp_path):
+    tokens = tokenize_documents(load_corpus(str(tiny_corpus)).split("search"), tiny_tokenizer, cache_dir=tmp_path)
+    with pytest.raises(DataError, match="only 3 windows"):
+        make_windows(tokens, 64, 4, tiny_tokenizer.bos_token_id, windows_per_doc=1)
+
+
+def test_no_document_long_enough_says_how_long_the_longest_is():
+    with pytest.raises(DataError, match=r"no search-split document has 4k tokens \(longest: 10\)"):
+        make_windows([np.arange(10)], 4096, 1, 0)
+
+
+def test_jsonl_npy_and_hash_split(tmp_path):
+    path = tmp_path / "docs.jsonl.gz"
+    with gzip.open(path, "wt") as handle:
+        for i in range(200):
+            handle.write(json.dumps({"body": f"document {i}"}) + "\n")
+    corpus = load_corpus(str(path), text_field="body", search_fraction=0.2, eval_fraction=0.2)
+    sizes = {k: len(v) for k, v in corpus.splits.items()}
+    assert sum(sizes.values()) == 200 and all(20 < n < 130 for n in sizes.values())
+    assert load_corpus(str(path), text_field="body", search_fraction=0.2, eval_fraction=0.2).splits.keys() == sizes.keys()
+    with pytest.raises(DataError, match="no field 'text'"):
+        load_corpus(str(path))
+    np.save(tmp_path / "tokens.npy", np.arange(50).reshape(5, 10))
+    docs = load_corpus(str(tmp_path / "tokens.npy"), eval_fraction=1.0, search_fraction=0.0).split("eval")
+    assert len(docs) == 5 and docs[0].tokens.tolist() == list(range(10))
+
+
+def test_errors(tmp_path):
+    with pytest.raises(DataError, match="not found"):
+        load_corpus(str(tmp_path / "missing"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="no documents"):
+        load_corpus(str(tmp_path / "empty"))
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("{oops\n")
+    with pytest.raises(DataError, match="cannot read corpus file"):
+        load_corpus(str(bad))
+
+
+def test_bundled_corpus_has_long_held_out_books():
+    corpus = load_corpus("testbed")
+    assert corpus.split("eval") and corpus.split("search") and corpus.split("train")
+    assert all(len(d.text) > 100_000 for d in corpus.split("eval") + corpus.split("search"))

@@ -1,0 +1,88 @@
+"""An exported directory loads in plain transformers (fresh process, no longrope import) with our logits."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from longrope_cli.api import export
+from longrope_cli.cli.main import cli
+from longrope_cli.errors import FactorFileError
+from longrope_cli.models import load_model
+from longrope_cli.rope.factors import FactorSet, attention_factor
+from longrope_cli.rope.rotary import install_factors
+
+PLAIN_LOAD = textwrap.dedent("""
+    import sys, torch
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(sys.argv[1]).eval()
+    ids = torch.load(sys.argv[2])
+    with torch.no_grad():
+        out = {n: model(ids[:, :n]).logits for n in (32, ids.shape[1])}
+    assert "longrope_cli" not in sys.modules
+    torch.save(out, sys.argv[3])
+""")
+
+
+def factor_set(pairs: int, original: int, target: int) -> FactorSet:
+    long_f = [1.0 + 3.0 * i / (pairs - 1) for i in range(pairs)]
+    short_f = [1.0 + 0.2 * i / (pairs - 1) for i in range(pairs)]
+    return FactorSet(long_factor=long_f, short_factor=short_f, target_length=target,
+                     attention=attention_factor("su", target / original, original), attention_policy="su")
+
+
+def test_export_loads_in_plain_transformers_with_identical_logits(tiny_model_dir, tmp_path):
+    lm = load_model(str(tiny_model_dir), device="cpu")
+    factors = factor_set(lm.layout.pairs, lm.layout.original_length, 4 * lm.layout.original_length)
+    out = export(lm, factors, tmp_path / "exported")
+    config = json.loads((out / "config.json").read_text())
+    for key in ("rope_scaling", "rope_parameters"):
+        assert config[key]["rope_type"] == "longrope"
+        assert len(config[key]["long_factor"]) == lm.layout.pairs
+        assert config[key]["original_max_position_embeddings"] == 64
+    assert config["max_position_embeddings"] == 256 and config["original_max_position_embeddings"] == 64
+
+    ids = torch.randint(0, 300, (1, 200), generator=torch.Generator().manual_seed(0))
+    torch.save(ids, tmp_path / "ids.pt")
+    script = tmp_path / "plain.py"
+    script.write_text(PLAIN_LOAD)
+    subprocess.run([sys.executable, str(script), str(out), str(tmp_path / "ids.pt"), str(tmp_path / "out.pt")],
+                   check=True, timeout=300, env={"PATH": "", "OMP_WAIT_POLICY": "PASSIVE", "HF_HUB_OFFLINE": "1"})
+    plain = torch.load(tmp_path / "out.pt")
+
+    install_factors(lm.model, factors, lm.layout)
+    with torch.no_grad():
+        for n in (32, 200):  # below and above the original window of 64
+            torch.testing.assert_close(plain[n], lm.model(ids[:, :n]).logits, atol=2e-5, rtol=1e-4)
+    # the exported model is not plain RoPE: without factors the long logits differ
+    plain_rope = load_model(str(tiny_model_dir), device="cpu")
+    with torch.no_grad():
+        assert not torch.allclose(plain[200], plain_rope.model(ids).logits, atol=1e-3)
+
+
+def test_export_refuses_start_tokens(tiny_model_dir, tmp_path):
+    lm = load_model(str(tiny_model_dir), device="cpu")
+    factors = FactorSet(long_factor=[2.0] * lm.layout.pairs, start_tokens=4, target_length=256)
+    with pytest.raises(FactorFileError, match="n-hat=4"):
+        export(lm, factors, tmp_path / "exported")
+    assert not (tmp_path / "exported").exists()
+
+
+def test_export_cli(tiny_model_dir, tmp_path):
+    lm = load_model(str(tiny_model_dir), device="cpu")
+    path = factor_set(lm.layout.pairs, 64, 512).save(tmp_path / "factors.json", lm.layout)
+    runner = CliRunner()
+    result = runner.invoke(cli, ["export", "--model", str(tiny_model_dir), "--factors", str(path),
+                                 "--out", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["max_position_embeddings"] == 512
+    bad = runner.invoke(cli, ["export", "--model", str(tmp_path / "missing"), "--factors", str(path),
+                              "--out", str(tmp_path / "o2")])
+    assert bad.exit_code == 2
+    assert bad.output.strip().startswith("error: model") and len(bad.output.strip().splitlines()) == 1
