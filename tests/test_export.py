@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -30,6 +31,16 @@ PLAIN_LOAD = textwrap.dedent("""
 """)
 
 
+def plain_transformers_logits(python: str, model_dir, ids: torch.Tensor, tmp_path) -> dict[int, torch.Tensor]:
+    """Logits at 32 tokens and at ids' full length from `python` running plain transformers on `model_dir`."""
+    torch.save(ids, tmp_path / "ids.pt")
+    script = tmp_path / "plain.py"
+    script.write_text(PLAIN_LOAD)
+    subprocess.run([python, str(script), str(model_dir), str(tmp_path / "ids.pt"), str(tmp_path / "out.pt")],
+                   check=True, timeout=300, env={"PATH": "", "OMP_WAIT_POLICY": "PASSIVE", "HF_HUB_OFFLINE": "1"})
+    return torch.load(tmp_path / "out.pt")
+
+
 def factor_set(pairs: int, original: int, target: int) -> FactorSet:
     long_f = [1.0 + 3.0 * i / (pairs - 1) for i in range(pairs)]
     short_f = [1.0 + 0.2 * i / (pairs - 1) for i in range(pairs)]
@@ -49,12 +60,7 @@ def test_export_loads_in_plain_transformers_with_identical_logits(tiny_model_dir
     assert config["max_position_embeddings"] == 256 and config["original_max_position_embeddings"] == 64
 
     ids = torch.randint(0, 300, (1, 200), generator=torch.Generator().manual_seed(0))
-    torch.save(ids, tmp_path / "ids.pt")
-    script = tmp_path / "plain.py"
-    script.write_text(PLAIN_LOAD)
-    subprocess.run([sys.executable, str(script), str(out), str(tmp_path / "ids.pt"), str(tmp_path / "out.pt")],
-                   check=True, timeout=300, env={"PATH": "", "OMP_WAIT_POLICY": "PASSIVE", "HF_HUB_OFFLINE": "1"})
-    plain = torch.load(tmp_path / "out.pt")
+    plain = plain_transformers_logits(sys.executable, out, ids, tmp_path)
 
     install_factors(lm.model, factors, lm.layout)
     with torch.no_grad():
@@ -86,3 +92,20 @@ def test_export_cli(tiny_model_dir, tmp_path):
                               "--out", str(tmp_path / "o2")])
     assert bad.exit_code == 2
     assert bad.output.strip().startswith("error: model") and len(bad.output.strip().splitlines()) == 1
+
+
+COMPAT_PYTHON = os.environ.get("LONGROPE_COMPAT_PYTHON")
+
+
+@pytest.mark.skipif(not COMPAT_PYTHON, reason="set LONGROPE_COMPAT_PYTHON to a python with another transformers "
+                                              "(e.g. 4.57) to check the export there too")
+def test_export_loads_identically_in_another_transformers(tiny_model_dir, tmp_path):
+    lm = load_model(str(tiny_model_dir), device="cpu")
+    factors = factor_set(lm.layout.pairs, lm.layout.original_length, 4 * lm.layout.original_length)
+    out = export(lm, factors, tmp_path / "exported")
+    ids = torch.randint(0, 300, (1, 200), generator=torch.Generator().manual_seed(0))
+    other = plain_transformers_logits(COMPAT_PYTHON, out, ids, tmp_path)
+    install_factors(lm.model, factors, lm.layout)
+    with torch.no_grad():
+        for n in (32, 200):
+            torch.testing.assert_close(other[n], lm.model(ids[:, :n]).logits, atol=2e-5, rtol=1e-4)
