@@ -84,7 +84,7 @@ class SearchConfig:
 
 @dataclass
 class FinetuneConfig:
-    target: int | None = _field(None, "training sequence length", "length")
+    target: int | None = _field(None, "training sequence length (default: the factor file's target)", "length")
     factors: str | None = _field(None, "factor file installed during training (from `longrope search`)")
     steps: int = _field(400, "optimizer steps")
     lr: float = _field(2e-5, "peak learning rate")
@@ -96,8 +96,10 @@ class FinetuneConfig:
     grad_clip: float = _field(1.0, "max gradient norm; 0 disables")
     precision: Literal["auto", "fp32", "bf16"] = _field("auto", "auto = bf16 on GPU, fp32 on CPU")
     activation_checkpointing: bool = _field(True, "recompute layer activations in backward (memory for time)")
-    save_every: int = _field(50, "checkpoint every N steps")
+    save_every: int = _field(50, "checkpoint every N steps (0: only on SIGTERM)")
     seed: int = _field(0, "random seed")
+    keep_checkpoint: bool = _field(False, "keep DIR/checkpoint (weights + AdamW states, ~16 bytes/parameter) "
+                                          "after the final model is saved")
 
 
 @dataclass
@@ -147,6 +149,8 @@ class StageConfig:
     name: str = _field("", "stage name; later stages refer to its output as ${name}")
     command: Literal["search", "finetune", "readjust", "eval", "export"] = _field("search", "which stage to run")
     overrides: dict[str, Any] = _field({}, "dotted recipe keys set for this stage only")
+    factors: str | None = _field(None, "export stages: the factor file to export (default: the previous "
+                                       "stage's factors.json)")
 
 
 @dataclass
