@@ -96,6 +96,8 @@ class FinetuneConfig:
     grad_clip: float = _field(1.0, "max gradient norm; 0 disables")
     precision: Literal["auto", "fp32", "bf16"] = _field("auto", "auto = bf16 on GPU, fp32 on CPU")
     activation_checkpointing: bool = _field(True, "recompute layer activations in backward (memory for time)")
+    activation_offload: bool = _field(False, "keep the checkpointed layer inputs in CPU memory (frees layers x "
+                                             "length x hidden x 2 bytes per GPU; transformers >= 5.24)")
     save_every: int = _field(50, "checkpoint every N steps (0: only on SIGTERM)")
     seed: int = _field(0, "random seed")
     keep_checkpoint: bool = _field(False, "keep DIR/checkpoint (weights + AdamW states, ~16 bytes/parameter) "
