@@ -1,0 +1,163 @@
+#!/usr/bin/env python3
+"""Peak memory of scoring one window: longrope's chunked path vs `model(ids, labels=ids)`.
+
+Each (path, length) runs in a fresh subprocess so that the allocator's high-water mark belongs to that
+measurement alone. Reported: the growth of peak RSS (`ru_maxrss`) over the RSS measured just before the
+forward pass, i.e. what scoring one window costs on top of the loaded model.
+
+- chunked: `evaluate.perplexity.window_nll` -- decoder to hidden states (sdpa attention, no KV cache), then
+  the LM head and loss `model.loss_chunk` positions at a time: memory ~ L x hidden, never L x vocab.
+- full: `model(ids, labels=ids)` -- transformers materialises the whole L x vocab logits tensor (and the
+  loss makes float copies of it), so memory grows by ~ L x vocab x 4 bytes x a few.
+
+Usage::
+
+    OMP_WAIT_POLICY=PASSIVE python scripts/bench_eval_memory.py                     # testbed, 2k..16k
+    python scripts/bench_eval_memory.py --model random --vocab 32000 --lengths 2k,8k  # a Llama-sized vocab
+    python scripts/bench_eval_memory.py --json runs/bench-memory.json
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # busy-waiting OpenMP threads fight on shared CPUs
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import resource  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+PATHS = ("chunked", "full")
+MIB = 1024 * 1024
+
+
+def current_rss() -> int:
+    """Resident set size now, in bytes (Linux /proc; falls back to the peak elsewhere)."""
+    try:
+        with open("/proc/self/statm") as handle:
+            return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        return peak_rss()
+
+
+def peak_rss() -> int:
+    """Peak resident set size of this process so far, in bytes (ru_maxrss is KiB on Linux, bytes on macOS)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
+
+
+def load(model_name: str, vocab: int):
+    import torch
+
+    from longrope_cli.models import load_model
+
+    torch.set_num_threads(min(2, torch.get_num_threads()))
+    if model_name != "random":
+        lm = load_model(model_name, device="cpu", dtype="float32")
+        return lm.model, lm.layout
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from longrope_cli.rope.layout import layout_from_config
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=vocab, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
+                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,
+                         attn_implementation="sdpa")
+    model = LlamaForCausalLM(config).eval()
+    return model, layout_from_config(config, name="random")
+
+
+def child(path: str, length: int, model_name: str, vocab: int, chunk: int) -> dict:
+    """One measurement in this (fresh) process."""
+    import torch
+
+    from longrope_cli.evaluate.perplexity import window_nll
+    from longrope_cli.rope.baselines import yarn_factors
+    from longrope_cli.rope.rotary import install_factors
+
+    model, layout = load(model_name, vocab)
+    install_factors(model, yarn_factors(layout, length), layout)  # a realistic extension; memory is the same
+    torch.manual_seed(0)
+    ids = torch.randint(0, model.config.vocab_size, (1, length))
+    before = current_rss()
+    started = time.perf_counter()
+    with torch.no_grad():
+        if path == "chunked":
+            nll, count = window_nll(model, ids, chunk=chunk)
+            loss = nll / count
+        else:
+            loss = float(model(input_ids=ids, labels=ids, use_cache=False).loss)
+    seconds = time.perf_counter() - started
+    return {"path": path, "length": length, "loss": loss, "seconds": seconds, "rss_before": before,
+            "peak": peak_rss(), "extra": max(0, peak_rss() - before), "vocab": model.config.vocab_size,
+            "hidden": model.config.hidden_size}
+
+
+def measure(path: str, length: int, args: argparse.Namespace) -> dict:
+    command = [sys.executable, str(Path(__file__).resolve()), "--child", path, "--length", str(length),
+               "--model", args.model, "--vocab", str(args.vocab), "--chunk", str(args.chunk)]
+    # A fixed mmap threshold makes glibc return every large freed tensor to the OS at once; with its default
+    # (dynamic) threshold freed tensors stay in the heap and RSS measures the allocator, not the tensors.
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
+    done = subprocess.run(command, capture_output=True, text=True, check=False, env=env)
+    if done.returncode != 0:
+        tail = (done.stderr.strip().splitlines() or ["?"])[-1]
+        return {"path": path, "length": length, "error": tail}
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="testbed", help="testbed, a local HF directory, or 'random' (see --vocab)")
+    parser.add_argument("--vocab", type=int, default=32000, help="vocabulary of the 'random' model")
+    parser.add_argument("--lengths", default="2k,4k,8k,16k")
+    parser.add_argument("--paths", default=",".join(PATHS), help="chunked,full")
+    parser.add_argument("--chunk", type=int, default=1024, help="loss chunk (recipe: model.loss_chunk)")
+    parser.add_argument("--json", default=None, help="also write the measurements to this file")
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--length", type=int, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(child(args.child, args.length, args.model, args.vocab, args.chunk)))
+        return
+
+    from longrope_cli.lengths import format_length, parse_lengths
+
+    if args.model == "testbed":
+        from longrope_cli.models import testbed_path
+
+        if not (testbed_path() / "config.json").is_file():
+            print("testbed model not built yet; measuring a random Llama instead (--model random)")
+            args.model = "random"
+    lengths = parse_lengths(args.lengths)
+    rows = [measure(path, n, args) for n in lengths for path in args.paths.split(",")]
+    first = next((r for r in rows if "error" not in r), {})
+    print(f"model: {args.model} (vocab {first.get('vocab')}, hidden {first.get('hidden')}), one window, "
+          f"fresh process per cell, loss chunk {args.chunk}")
+    print(f"{'length':>7} {'path':>8} {'extra peak MiB':>15} {'MiB per 1k tok':>15} {'seconds':>8} {'loss':>8}")
+    for row in rows:
+        if "error" in row:
+            print(f"{format_length(row['length']):>7} {row['path']:>8}  failed: {row['error']}")
+            continue
+        extra = row["extra"] / MIB
+        print(f"{format_length(row['length']):>7} {row['path']:>8} {extra:>15.1f} {extra / (row['length'] / 1024):>15.2f} "
+              f"{row['seconds']:>8.2f} {row['loss']:>8.4f}")
+    by = {(r["path"], r["length"]): r for r in rows if "error" not in r}
+    lo, hi = min(lengths), max(lengths)
+    for path in args.paths.split(","):
+        if (path, lo) in by and (path, hi) in by and by[(path, lo)]["extra"]:
+            ratio = by[(path, hi)]["extra"] / by[(path, lo)]["extra"]
+            print(f"{path}: peak growth {format_length(hi)} / {format_length(lo)} = {ratio:.1f}x "
+                  f"for {hi / lo:g}x the tokens")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(rows, indent=2) + "\n", encoding="utf-8")
+
+
+if __name__ == "__main__":
+    main()
