@@ -122,7 +122,7 @@ class EvalConfig:
                                 "baselines (none, pi, ntk, dynamic-ntk, yarn) and factor files")
     documents: int = _field(5, "eval-split documents per length")
     mode: Literal["truncate", "sliding"] = _field("truncate", "one window per document, or a sliding window")
-    stride: int | None = _field(None, "sliding-window stride (default: half the length; capped at the length)",
+    stride: int | None = _field(None, "sliding-window stride (default: half the length; at most length - 1)",
                                 "length")
     sliding_tokens: int | None = _field(None, "sliding mode: tokens of each document the window slides over "
                                               "(default: 4 x the length)", "length")
