@@ -122,3 +122,21 @@ def test_interleave_is_the_layout_transformers_undoes():
     restored = LlamaTensorProcessor({"num_attention_heads": 2, "num_key_value_heads": 2}).process(
         interleaved, "blk.0.attn_q.weight").weights
     assert restored[:, 0].tolist() == rows[:, 0].tolist()
+
+
+def test_gguf_model_exports_for_plain_transformers(gguf_model, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from longrope_cli.api import export
+
+    model, _, _, lm = gguf_model
+    factors = pi_factors(lm.layout, 2 * WINDOW)
+    out = export(lm, factors, tmp_path / "exported")
+    reloaded = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert getattr(reloaded.config, "quantization_config", None) is None
+    ids = torch.randint(0, model.config.vocab_size, (1, 2 * WINDOW), generator=torch.Generator().manual_seed(5))
+    install_factors(lm.model, factors, lm.layout)
+    try:
+        torch.testing.assert_close(_logits(reloaded, ids), _logits(lm.model, ids), atol=1e-4, rtol=1e-4)
+    finally:
+        remove_factors(lm.model)

@@ -110,6 +110,13 @@ def load_model(
     except (OSError, ValueError, ImportError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ModelError(f"cannot load model {name!r}: {first}") from None
+    if gguf:
+        # transformers dequantises GGUF weights to plain tensors but still flags the model as "quantized",
+        # which would make save_pretrained (and so `longrope export` / finetune) refuse it.
+        model.hf_quantizer = None
+        model.is_quantized = False
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
     model.to(target_device)
     model.eval()
     layout = layout_from_config(model.config, name=name, original_length=original_length)
