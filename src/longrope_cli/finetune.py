@@ -1,0 +1,362 @@
+"""`longrope finetune`: continued pre-training with a factor file installed at the target length.
+
+The paper's settings (LongRoPE, section 4.1): LLaMA2, AdamW at lr 2e-5 with linear decay, global batch
+32, 400 steps at 128k, then 600 more at 256k from that model; Mistral, constant lr 1e-6, batch 64,
+400 steps (on 16k sequences, following YaRN). Everything that grows with the length is bounded:
+activation checkpointing per decoder layer, the loss in checkpointed chunks (never an L x vocab
+logits tensor), sdpa attention. Our rotary module holds no parameters, so the factors stay installed.
+
+    $ longrope finetune recipes/tiny.yaml --factors runs/search-2k --target 2k --steps 40
+    $ torchrun --nproc-per-node 8 -m longrope_cli finetune RECIPE parallel.fsdp=true     # see training/distributed.py
+
+Writes DIR/model/ (a Hugging Face directory; its config carries the factors when n-hat = 0),
+DIR/factors.json (the factors trained with: later stages install factors relative to it),
+DIR/metrics.jsonl (one line per step), and DIR/checkpoint/ every `finetune.save_every` steps and on
+SIGTERM / SIGUSR1 (SLURM preemption); `--resume` continues at the same step with the same batches.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import math
+import shutil
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from longrope_cli.data import load_corpus, tokenize_documents
+from longrope_cli.errors import LongRopeError, RecipeError
+from longrope_cli.lengths import format_length
+from longrope_cli.losses import chunked_nll, decoder_of, shift_labels
+from longrope_cli.models import LoadedModel, load_model
+from longrope_cli.outputs import (
+    COMPLETE_MARKER,
+    atomic_write_text,
+    is_complete,
+    mark_complete,
+    prepare_run_dir,
+)
+from longrope_cli.recipe import Recipe, recipe_to_dict
+from longrope_cli.rope.factors import FactorSet, load_factors
+from longrope_cli.rope.rotary import install_factors
+from longrope_cli.training import checkpoint as ckpt
+from longrope_cli.training.data import WindowIndex, WindowOrder
+from longrope_cli.training.distributed import (
+    ParallelEnv,
+    gradient_sync,
+    sequence_parallel,
+    setup_parallel,
+    wrap_for_training,
+)
+
+log = logging.getLogger(__name__)
+
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGUSR1") if hasattr(signal, name))
+
+
+class Preempted(LongRopeError):
+    """Stopped by a signal after saving a checkpoint; rerun with --resume."""
+
+    exit_code = 143  # 128 + SIGTERM, what a scheduler expects from a job that honoured its signal
+
+
+class ChunkedCausalLM(nn.Module):
+    """The model and its chunked loss as one module, so DDP / FSDP see the whole forward (the LM head
+    weight that the loss uses directly is gathered like every other root parameter)."""
+
+    def __init__(self, model: nn.Module, chunk: int) -> None:
+        super().__init__()
+        self.model = model
+        self.chunk = chunk
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor,
+                position_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        hidden = decoder_of(self.model)(input_ids=input_ids, position_ids=position_ids, use_cache=False)
+        return chunked_nll(self.model, hidden.last_hidden_state, labels, chunk=self.chunk, recompute=True)
+
+
+def lr_factor(step: int, steps: int, warmup: int, schedule: str) -> float:
+    """Multiplier of the peak lr for optimizer step `step` (0-based): linear warm-up, then the schedule."""
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    progress = (step - warmup) / max(1, steps - warmup)
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    return max(0.0, 1.0 - progress)  # linear decay to 0
+
+
+@contextlib.contextmanager
+def stop_on_signals() -> Iterator[dict[str, Any]]:
+    """Turn SIGTERM / SIGUSR1 into a flag checked after every step (the step in flight is finished)."""
+    flag: dict[str, Any] = {"signal": None}
+    if threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        flag["signal"] = signal.Signals(signum).name
+
+    previous = {sig: signal.signal(sig, handler) for sig in STOP_SIGNALS}
+    try:
+        yield flag
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def enable_checkpointing(model: Any, offload: bool = False) -> None:
+    """Keep one hidden state per decoder layer (L x hidden) instead of all its activations; backward
+    recomputes the rest. `offload` parks those states in pinned CPU memory as well."""
+    kwargs = {"use_reentrant": False}
+    enable = getattr(model, "activation_checkpointing_enable", None)  # transformers >= 5.24
+    if enable is not None:
+        enable(activation_checkpointing_kwargs=kwargs, offload=offload)
+    elif offload:
+        raise RecipeError("finetune.activation_offload needs transformers >= 5.24; set it to false")
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def _digest(factors: FactorSet) -> str:
+    text = json.dumps([factors.long_factor, factors.short_factor, factors.start_tokens, factors.attention])
+    return hashlib.sha1(text.encode()).hexdigest()[:12]
+
+
+class Finetune:
+    """One fine-tuning run: `setup()` builds everything, `train()` runs the steps, `finish()` saves."""
+
+    def __init__(self, recipe: Recipe, out: Path, env: ParallelEnv, lm: LoadedModel | None, progress: bool) -> None:
+        self.recipe, self.cfg, self.out, self.env, self.lm, self.progress = (
+            recipe, recipe.finetune, out, env, lm, progress)
+        self.last_loss = math.nan
+
+    # ------------------------------------------------------------------ setup
+
+    def setup(self) -> None:
+        cfg, env, recipe = self.cfg, self.env, self.recipe
+        if not cfg.factors:
+            raise RecipeError("finetune.factors is not set; pass --factors runs/search-2k/factors.json "
+                              "(the output of `longrope search`)")
+        for key in ("steps", "batch_size", "micro_batch_size"):
+            if getattr(cfg, key) < 1:
+                raise RecipeError(f"finetune.{key} must be >= 1, got {getattr(cfg, key)}")
+        per_step = env.dp_world * cfg.micro_batch_size
+        if cfg.batch_size % per_step:
+            raise RecipeError(
+                f"finetune.batch_size={cfg.batch_size} must be a multiple of micro_batch_size x data-parallel "
+                f"ranks = {cfg.micro_batch_size} x {env.dp_world}")
+        cuda = env.device.type == "cuda"
+        self.bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and cuda)
+        if self.lm is None:
+            # fp32 master weights under bf16 autocast / FSDP mixed precision unless the recipe pins a dtype.
+            dtype = recipe.model.dtype if recipe.model.dtype != "auto" else "float32"
+            self.lm = load_model(recipe.model.name, dtype=dtype, device=str(env.device),
+                                 attn_implementation=recipe.model.attn_implementation,
+                                 original_length=recipe.model.original_length,
+                                 trust_remote_code=recipe.model.trust_remote_code)
+        lm = self.lm
+        self.factors = load_factors(cfg.factors, lm.layout)
+        self.target = cfg.target or self.factors.target_length
+        if not self.target:
+            raise RecipeError(f"{cfg.factors} names no target length; pass --target (e.g. --target 2k)")
+        if env.context_parallel > 1 and self.target % (2 * env.context_parallel):
+            raise RecipeError(f"finetune.target={self.target} must be a multiple of 2 x parallel.context_parallel "
+                              f"(load-balanced ring attention)")
+        self.export_target = max(self.factors.target_length or self.target, self.target)
+        self.save_dtype = ckpt.source_dtype(lm.path, lm.model)
+        install_factors(lm.model, self.factors, lm.layout)
+
+        data = recipe.data
+        corpus = load_corpus(data.corpus, data.text_field, data.search_fraction, data.eval_fraction)
+        docs = tokenize_documents(corpus.split("train"), lm.tokenizer, data.cache_dir)
+        self.windows = WindowIndex(docs, self.target, lm.tokenizer.bos_token_id, data.windows_per_doc,
+                                   limit=cfg.steps * cfg.batch_size)
+        self.order = WindowOrder(len(self.windows), cfg.batch_size, cfg.seed)
+        passes = cfg.steps * cfg.batch_size / len(self.windows)
+        log.info("fine-tuning %s at %s: %d steps x %d sequences over %d windows (%.1f passes)", lm.name,
+                 format_length(self.target), cfg.steps, cfg.batch_size, len(self.windows), passes)
+
+        model = lm.model
+        model.train()
+        model.config.use_cache = False
+        if cfg.activation_checkpointing or cfg.activation_offload:
+            enable_checkpointing(model, offload=cfg.activation_offload)
+        torch.manual_seed(cfg.seed)
+        self.module = wrap_for_training(ChunkedCausalLM(model, recipe.model.loss_chunk), model, env,
+                                        fsdp=recipe.parallel.fsdp, bf16=self.bf16)
+        self.autocast = self.bf16 and not (env.distributed and recipe.parallel.fsdp)
+        self.optimizer = torch.optim.AdamW(self.module.parameters(), lr=cfg.lr, betas=(0.9, 0.95),
+                                           weight_decay=cfg.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: lr_factor(s, cfg.steps, cfg.warmup_steps, cfg.schedule))
+
+    def settings(self) -> dict[str, Any]:
+        """What a checkpoint must agree on to be resumed (a different batch would silently change the run)."""
+        cfg = self.cfg
+        return {"target": self.target, "batch_size": cfg.batch_size, "seed": cfg.seed,
+                "factors": _digest(self.factors), "model": self.recipe.model.name}
+
+    def restore(self, resume: bool) -> int:
+        found = ckpt.find_checkpoint(self.out)
+        if not resume or found is None:
+            if resume:
+                log.info("no checkpoint in %s: starting at step 0", self.out)
+            return 0
+        saved = ckpt.read_trainer_state(found)
+        for key, value in self.settings().items():
+            if saved.get("settings", {}).get(key) != value:
+                raise RecipeError(
+                    f"{found} was made with {key}={saved.get('settings', {}).get(key)!r}, this run has {value!r}; "
+                    f"resume with the same recipe or delete {found}")
+        state = ckpt.load_checkpoint(found, self.module, self.optimizer, self.scheduler, self.env)
+        self.last_loss = state.get("loss", math.nan)
+        log.info("resumed from %s at step %d/%d", found, state["step"], self.cfg.steps)
+        return int(state["step"])
+
+    # ------------------------------------------------------------------ training
+
+    def _micro_step(self, ids: torch.Tensor, scale: float, sync: bool) -> float:
+        """Forward + backward of one micro-batch; returns its mean loss."""
+        labels = shift_labels(ids)
+        buffers = [ids, labels]
+        if self.env.cp_mesh is not None:  # every rank needs its shard's global positions
+            buffers.append(torch.arange(ids.shape[1], device=ids.device).expand_as(ids).contiguous())
+        device_type = self.env.device.type
+        with gradient_sync(self.module, sync), sequence_parallel(self.env, buffers), \
+                torch.autocast(device_type, dtype=torch.bfloat16, enabled=self.autocast):
+            nll, count = self.module(*buffers)
+            loss = nll / count.clamp(min=1)
+            (loss * scale).backward()
+        return float(loss.detach())
+
+    def step(self, step: int) -> tuple[float, float]:
+        """One optimizer step over the global batch; returns (mean loss over ranks, gradient norm)."""
+        cfg = self.cfg
+        mine = self.order.shard(step, self.env.dp_rank, self.env.dp_world)
+        groups = [mine[i:i + cfg.micro_batch_size] for i in range(0, len(mine), cfg.micro_batch_size)]
+        loss = 0.0
+        for k, group in enumerate(groups):
+            ids = self.windows.batch(group).to(self.env.device)
+            loss += self._micro_step(ids, 1.0 / len(groups), sync=k == len(groups) - 1) / len(groups)
+        norm = math.nan
+        if cfg.grad_clip > 0:
+            total = torch.nn.utils.clip_grad_norm_(self.module.parameters(), cfg.grad_clip)
+            norm = float(total.full_tensor() if hasattr(total, "full_tensor") else total)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return self.env.mean(loss), norm
+
+    def save(self, step: int) -> None:
+        ckpt.save_checkpoint(self.out, self.module, self.optimizer, self.scheduler, self.env,
+                             {"step": step, "loss": self.last_loss, "settings": self.settings()})
+        if self.env.is_main:
+            log.info("checkpoint at step %d: %s", step, self.out / ckpt.CHECKPOINT)
+
+    def _metrics_file(self, start: int) -> Path:
+        """metrics.jsonl without the lines of steps after `start` (they are redone after a resume)."""
+        path = self.out / "metrics.jsonl"
+        if self.env.is_main:
+            lines = path.read_text(encoding="utf-8").splitlines() if path.is_file() and start else []
+            kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= start]
+            atomic_write_text(path, "".join(line + "\n" for line in kept))
+        return path
+
+    def train(self, start: int) -> None:
+        from tqdm.auto import tqdm
+
+        cfg, env = self.cfg, self.env
+        metrics = self._metrics_file(start)
+        tokens = cfg.batch_size * self.target
+        bar = tqdm(total=cfg.steps, initial=start, desc=f"finetune {format_length(self.target)}", unit="step",
+                   disable=not (self.progress and env.is_main))
+        began = time.perf_counter()
+        try:
+            with stop_on_signals() as stop, (metrics.open("a", encoding="utf-8") if env.is_main
+                                             else contextlib.nullcontext()) as log_file:
+                for step in range(start, cfg.steps):
+                    lr = self.scheduler.get_last_lr()[0]
+                    tick = time.perf_counter()
+                    self.last_loss, norm = self.step(step)
+                    seconds = time.perf_counter() - tick
+                    done = step + 1
+                    if env.is_main:
+                        record = {"step": done, "loss": round(self.last_loss, 6), "lr": lr,
+                                  "grad_norm": None if math.isnan(norm) else round(norm, 6),
+                                  "tokens_per_s": round(tokens / seconds, 1), "step_s": round(seconds, 4),
+                                  "elapsed_s": round(time.perf_counter() - began, 2)}
+                        log_file.write(json.dumps(record) + "\n")
+                        log_file.flush()
+                        bar.set_postfix(loss=f"{self.last_loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tokens / seconds:,.0f}")
+                        bar.update(1)
+                    if not math.isfinite(self.last_loss):
+                        raise LongRopeError(f"loss became {self.last_loss} at step {done}; lower finetune.lr "
+                                            "or check the factors")
+                    if env.any(stop["signal"] is not None):
+                        self.save(done)
+                        raise Preempted(f"stopped by {stop['signal'] or 'a signal on another rank'} after step "
+                                        f"{done}/{cfg.steps}; checkpoint saved in {self.out / ckpt.CHECKPOINT}; "
+                                        "rerun with --resume to continue")
+                    if cfg.save_every and done % cfg.save_every == 0 and done < cfg.steps:
+                        self.save(done)
+        finally:
+            bar.close()
+
+    # ------------------------------------------------------------------ output
+
+    def finish(self) -> Path:
+        cfg, env, lm = self.cfg, self.env, self.lm
+        state = ckpt.full_model_state(self.module)  # collective under FSDP
+        model_dir = self.out / "model"
+        if env.is_main:
+            factors = self.factors.with_provenance(
+                stage="finetune", train_length=self.target, steps=cfg.steps, batch_size=cfg.batch_size,
+                final_loss=self.last_loss, base_model=self.recipe.model.name)
+            ckpt.save_hf_model(lm.model, lm.tokenizer, state, factors, lm.layout, self.export_target, model_dir,
+                               self.save_dtype)
+            factors.save(self.out / "factors.json", lm.layout)
+            if not cfg.keep_checkpoint:
+                for name in (ckpt.CHECKPOINT, ckpt.CHECKPOINT + ".old"):
+                    shutil.rmtree(self.out / name, ignore_errors=True)
+            mark_complete(self.out, "finetune", model_dir, steps=cfg.steps, final_loss=self.last_loss,
+                          train_length=self.target)
+            log.info("fine-tuned model: %s (final loss %.4f)", model_dir, self.last_loss)
+        env.barrier()
+        return model_dir
+
+
+def run_finetune(recipe: Recipe, out_dir: str | Path, *, resume: bool = False, lm: LoadedModel | None = None,
+                 progress: bool = True) -> Path:
+    """Fine-tune `recipe.model` with `recipe.finetune.factors` installed; returns `out_dir/model`.
+
+    Example (the test bed, a few minutes on 2 CPU cores):
+        >>> run_finetune(load_recipe("recipes/tiny.yaml", ["finetune.factors=runs/search-2k"]),
+        ...              "runs/finetune-2k")  # doctest: +SKIP
+    """
+    out = Path(out_dir)
+    if resume and is_complete(out) and (out / "model" / "config.json").is_file():
+        log.info("%s is complete; nothing to resume", out)
+        return out / "model"
+    env = setup_parallel(recipe.parallel, recipe.model.device if lm is None else str(lm.device))
+    try:
+        if env.is_main:
+            prepare_run_dir(out, "finetune", recipe_to_dict(recipe))
+            (out / COMPLETE_MARKER).unlink(missing_ok=True)  # a rerun is not complete until it ends
+        run = Finetune(recipe, out, env, lm, progress)
+        run.setup()
+        start = run.restore(resume)
+        run.train(start)
+        return run.finish()
+    finally:
+        env.close()

@@ -1,0 +1,240 @@
+"""`longrope finetune` on the tiny random Llama (original window 64, trained at 128 with YaRN factors)."""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file
+
+from longrope_cli import finetune as ft
+from longrope_cli.cli.main import cli
+from longrope_cli.data import load_corpus, make_windows, tokenize_documents
+from longrope_cli.errors import RecipeError
+from longrope_cli.models import load_model
+from longrope_cli.outputs import is_complete
+from longrope_cli.recipe import build_recipe
+from longrope_cli.rope.baselines import yarn_factors
+from longrope_cli.rope.factors import FactorSet, load_factors
+from longrope_cli.rope.rotary import install_factors
+from longrope_cli.training.checkpoint import find_checkpoint, read_trainer_state
+from longrope_cli.training.data import WindowIndex, WindowOrder
+
+TARGET = 128
+STEPS = 6
+
+
+@pytest.fixture(scope="module")
+def factor_file(tiny_model_dir, tmp_path_factory) -> Path:
+    lm = load_model(str(tiny_model_dir), device="cpu")
+    path = tmp_path_factory.mktemp("factors") / "yarn-128.json"
+    yarn_factors(lm.layout, TARGET).save(path, lm.layout)
+    return path
+
+
+def make_recipe(model_dir, corpus, factor_path, cache, **finetune):
+    settings = {"factors": str(factor_path), "target": TARGET, "steps": STEPS, "batch_size": 4, "micro_batch_size": 2,
+                "lr": 2e-3, "warmup_steps": 1, "save_every": 2, **finetune}
+    return build_recipe({"model": {"name": str(model_dir), "device": "cpu"},
+                         "data": {"corpus": str(corpus), "cache_dir": str(cache)}, "finetune": settings})
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model_dir, tiny_corpus, factor_file, tmp_path_factory) -> Path:
+    """An uninterrupted run: the yardstick for resumed ones."""
+    out = tmp_path_factory.mktemp("reference")
+    cache = tmp_path_factory.mktemp("cache")
+    ft.run_finetune(make_recipe(tiny_model_dir, tiny_corpus, factor_file, cache), out, progress=False)
+    return out
+
+
+@pytest.fixture
+def recipe(tiny_model_dir, tiny_corpus, factor_file, tmp_path):
+    return make_recipe(tiny_model_dir, tiny_corpus, factor_file, tmp_path / "cache")
+
+
+def weights(out: Path) -> dict[str, torch.Tensor]:
+    return load_file(out / "model" / "model.safetensors")
+
+
+def assert_same_weights(a: Path, b: Path) -> None:
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys()
+    for key in wa:
+        assert torch.equal(wa[key], wb[key]), key
+
+
+def metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_loss_decreases_and_outputs_are_complete(reference):
+    rows = metrics(reference)
+    assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
+    assert rows[-1]["loss"] < rows[0]["loss"] - 0.05
+    assert all(r["tokens_per_s"] > 0 and r["lr"] > 0 for r in rows)
+    assert rows[0]["lr"] == pytest.approx(2e-3)  # warm-up of 1 step, then linear decay
+    assert rows[-1]["lr"] == pytest.approx(2e-3 * (1 - (STEPS - 2) / (STEPS - 1)))
+    assert is_complete(reference) and not (reference / "checkpoint").exists()
+    assert json.loads((reference / "complete.json").read_text())["artifact"] == "model"
+
+
+def test_model_dir_loads_in_plain_transformers_and_carries_the_factors(reference, factor_file):
+    from transformers import AutoModelForCausalLM
+
+    used = load_factors(reference)  # DIR/factors.json: what the next stage installs relative to
+    assert used.long_factor == load_factors(factor_file).long_factor
+    assert used.provenance["stage"] == "finetune" and used.provenance["steps"] == STEPS
+    config = json.loads((reference / "model" / "config.json").read_text())
+    assert config["rope_parameters"]["rope_type"] == "longrope"
+    assert config["rope_parameters"]["long_factor"] == list(used.long_factor)
+    assert config["max_position_embeddings"] == TARGET
+    plain = AutoModelForCausalLM.from_pretrained(reference / "model").eval()
+    ours = load_model(str(reference / "model"), device="cpu")
+    install_factors(ours.model, used, ours.layout)
+    ids = torch.randint(0, plain.config.vocab_size, (1, 100), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(plain(ids).logits, ours.model(ids).logits, atol=2e-5, rtol=1e-4)
+        tuned = plain(ids).logits
+    original = load_model(str(Path(used.provenance["base_model"])), device="cpu")
+    install_factors(original.model, used, original.layout)
+    with torch.no_grad():
+        assert not torch.allclose(original.model(ids).logits, tuned, atol=1e-3)  # the weights did change
+
+
+def test_resume_from_periodic_checkpoint_gives_the_same_weights(recipe, reference, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    real_step = ft.Finetune.step
+
+    def crash_at_4(self, step):
+        if step == 3:
+            raise RuntimeError("node died")
+        return real_step(self, step)
+
+    monkeypatch.setattr(ft.Finetune, "step", crash_at_4)
+    with pytest.raises(RuntimeError, match="node died"):
+        ft.run_finetune(recipe, out, progress=False)
+    assert read_trainer_state(find_checkpoint(out))["step"] == 2 and not is_complete(out)
+    monkeypatch.setattr(ft.Finetune, "step", real_step)
+    ft.run_finetune(recipe, out, resume=True, progress=False)
+    assert_same_weights(out, reference)
+    assert [r["step"] for r in metrics(out)] == list(range(1, STEPS + 1))  # steps 3.. logged once
+    assert [r["loss"] for r in metrics(out)] == [r["loss"] for r in metrics(reference)]
+
+
+def test_sigterm_saves_a_checkpoint_then_resume_finishes(recipe, reference, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    real_step = ft.Finetune.step
+
+    def preempted_during_3(self, step):
+        result = real_step(self, step)
+        if step == 2:
+            signal.raise_signal(signal.SIGTERM)  # what SLURM sends before the time limit
+        return result
+
+    monkeypatch.setattr(ft.Finetune, "step", preempted_during_3)
+    with pytest.raises(ft.Preempted, match="after step 3/6") as info:
+        ft.run_finetune(recipe, out, progress=False)
+    assert info.value.exit_code == 143
+    assert read_trainer_state(find_checkpoint(out))["step"] == 3  # not a periodic one (every 2)
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is removed again
+    monkeypatch.setattr(ft.Finetune, "step", real_step)
+    ft.run_finetune(recipe, out, resume=True, progress=False)
+    assert_same_weights(out, reference)
+
+
+def test_resume_refuses_a_checkpoint_of_other_settings(recipe, tiny_model_dir, tiny_corpus, factor_file,
+                                                       tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    real_step = ft.Finetune.step
+
+    def crash_at_3(self, step):
+        if step == 2:
+            raise RuntimeError("node died")
+        return real_step(self, step)
+
+    monkeypatch.setattr(ft.Finetune, "step", crash_at_3)
+    with pytest.raises(RuntimeError, match="node died"):
+        ft.run_finetune(recipe, out, progress=False)
+    other = make_recipe(tiny_model_dir, tiny_corpus, factor_file, tmp_path / "cache", batch_size=2,
+                        micro_batch_size=1)
+    with pytest.raises(RecipeError, match="batch_size=4"):
+        ft.run_finetune(other, out, resume=True, progress=False)
+
+
+def test_start_tokens_keep_plain_rope_in_the_config(tiny_model_dir, tiny_corpus, tmp_path):
+    lm = load_model(str(tiny_model_dir), device="cpu")
+    factors = FactorSet(long_factor=(2.0,) * lm.layout.pairs, start_tokens=4, target_length=TARGET)
+    factors.save(tmp_path / "nhat.json", lm.layout)
+    out = tmp_path / "run"
+    ft.run_finetune(make_recipe(tiny_model_dir, tiny_corpus, tmp_path / "nhat.json", tmp_path / "c", steps=1),
+                    out, progress=False)
+    config = json.loads((out / "model" / "config.json").read_text())
+    assert config["rope_parameters"]["rope_type"] == "default" and "n-hat=4" in config["longrope"]["note"]
+    assert load_factors(out / "model").start_tokens == 4 and load_factors(out).start_tokens == 4
+
+
+@pytest.mark.parametrize(("changes", "message"), [
+    ({"factors": None}, "finetune.factors is not set"),
+    ({"batch_size": 3}, "multiple of micro_batch_size"),
+    ({"steps": 0}, "finetune.steps must be >= 1"),
+])
+def test_bad_settings_are_one_line_errors(tiny_model_dir, tiny_corpus, factor_file, tmp_path, changes, message):
+    recipe = make_recipe(tiny_model_dir, tiny_corpus, factor_file, tmp_path / "c", **changes)
+    with pytest.raises(RecipeError, match=message):
+        ft.run_finetune(recipe, tmp_path / "run", progress=False)
+
+
+def test_context_parallel_is_refused_on_cpu(recipe, tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("CUDA present")
+    recipe.parallel.context_parallel = 2
+    with pytest.raises(RecipeError, match="context_parallel=2 needs CUDA"):
+        ft.run_finetune(recipe, tmp_path / "run", progress=False)
+
+
+def test_window_index_is_make_windows_lazily(tiny_corpus, tiny_tokenizer, tmp_path):
+    docs = tokenize_documents(load_corpus(str(tiny_corpus)).split("train"), tiny_tokenizer, tmp_path)
+    bos = tiny_tokenizer.bos_token_id
+    for per_doc in (0, 2):
+        index = WindowIndex(docs, 200, bos, per_doc)
+        eager = make_windows(docs, 200, len(index), bos, per_doc, "train")
+        assert torch.equal(index.batch(range(len(index))), eager)
+    assert len(WindowIndex(docs, 200, bos, limit=5)) == 5
+
+
+def test_window_order_is_a_function_of_the_step():
+    order = WindowOrder(windows=10, batch_size=4, seed=3)
+    stream = [i for step in range(5) for i in order.batch(step)]
+    assert sorted(stream[:10]) == list(range(10)) and sorted(stream[10:20]) == list(range(10))  # whole passes
+    assert stream[:10] != stream[10:20]  # reshuffled each pass
+    assert WindowOrder(10, 4, 3).batch(3) == order.batch(3)
+    shards = [order.shard(2, rank, 2) for rank in range(2)]
+    assert sorted(shards[0] + shards[1]) == sorted(order.batch(2))
+
+
+def test_lr_schedules():
+    assert [ft.lr_factor(s, 10, 2, "linear") for s in (0, 1, 2, 6)] == [0.5, 1.0, 1.0, 0.5]
+    assert ft.lr_factor(9, 10, 0, "constant") == 1.0
+    assert ft.lr_factor(5, 10, 0, "cosine") == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert np.isclose(ft.lr_factor(10, 10, 0, "linear"), 0.0)
+
+
+def test_cli_runs_and_documents_itself(tiny_model_dir, tiny_corpus, factor_file, tmp_path):
+    out = tmp_path / "cli"
+    result = CliRunner().invoke(cli, [
+        "finetune", "--model", str(tiny_model_dir), "--factors", str(factor_file), "--steps", "2", "--target", "64",
+        "--out", str(out), "--no-progress", f"data.corpus={tiny_corpus}", f"data.cache_dir={tmp_path / 'c'}",
+        "finetune.batch_size=2", "model.device=cpu"])
+    assert result.exit_code == 0, result.output
+    assert is_complete(out) and len(metrics(out)) == 2
+    assert load_factors(out).provenance["train_length"] == 64  # shorter than the factors' own target
+    assert json.loads((out / "model" / "config.json").read_text())["max_position_embeddings"] == TARGET
+    help_text = CliRunner().invoke(cli, ["finetune", "--help"]).output
+    assert "$ longrope finetune" in help_text and "--resume" in help_text
