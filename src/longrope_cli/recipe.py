@@ -76,6 +76,8 @@ class SearchConfig:
     seed_factors: list[str] = _field([], "extra factor files added to the initial population")
     seed: int = _field(0, "random seed (the search is deterministic for a seed)")
     racing: bool = _field(False, "score on one document first and drop candidates that cannot reach the survivors")
+    race_margin: float = _field(0.0, "racing: stop a candidate once its running perplexity exceeds the worst "
+                                     "survivor's on the same documents by more than this fraction")
     max_evals: int | None = _field(None, "stop after this many fitness evaluations")
     max_minutes: float | None = _field(None, "stop after this many minutes of wall time")
     patience: int | None = _field(None, "stop after this many generations without improvement")
@@ -113,6 +115,9 @@ class ReadjustConfig:
     iterations: int = _field(20, "generations")
     documents: int = _field(5, "search-split documents per length")
     seed: int = _field(0, "random seed")
+    max_evals: int | None = _field(None, "stop after this many fitness evaluations")
+    max_minutes: float | None = _field(None, "stop after this many minutes of wall time")
+    patience: int | None = _field(None, "stop after this many generations without improvement")
 
 
 @dataclass
