@@ -1,0 +1,59 @@
+"""`longrope readjust`: search short factors on the extended model (the final factor file)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from longrope_cli.cli.common import (
+    build_stage_recipe,
+    default_out,
+    recipe_arguments,
+    setup_logging,
+    user_errors,
+)
+
+EPILOG = """\b
+Examples:
+  $ longrope readjust --model testbed --factors runs/search-2k/factors.json --lengths 128,256 --out runs/readjust-2k
+  $ longrope readjust --model ./ft-256k --factors ./ft-256k/factors.json --lengths 4k,8k readjust.max_evals=300
+  $ longrope export --model ./ft-256k --factors runs/readjust/factors.json --out ./llama2-7b-256k
+"""
+
+
+@click.command(epilog=EPILOG)
+@recipe_arguments
+@click.option("--factors", default=None, help="Factor file of the extended model (recipe: readjust.factors).")
+@click.option("--lengths", default=None, help="Short lengths scored, within the original window "
+                                              "(recipe: readjust.lengths; default 4k,8k).")
+@click.option("--max-evals", type=int, default=None, help="Stop after N fitness evaluations (recipe: readjust.max_evals).")
+@click.option("--resume", is_flag=True, default=None, help="Continue the readjust checkpointed in --out.")
+@click.option("--no-progress", is_flag=True, default=False, help="Log lines instead of the live progress display.")
+@user_errors
+def readjust(args: tuple[str, ...], model: str | None, out: str | None, device: str | None, factors: str | None,
+             lengths: str | None, max_evals: int | None, resume: bool | None, no_progress: bool) -> None:
+    """Search short_factor for an extended model's factor file (kept: long_factor, n-hat, attention).
+
+    Writes OUT/factors.json with short_factor and long_factor (export it with `longrope export`),
+    beside OUT/candidates.jsonl and OUT/state.json (checkpoint for --resume)."""
+    from longrope_cli.outputs import prepare_run_dir
+    from longrope_cli.readjust import run_readjust
+    from longrope_cli.recipe import recipe_to_dict
+    from longrope_cli.search.evaluator import is_main_process
+
+    recipe = build_stage_recipe(args, {
+        "model.name": model, "model.device": device, "output.dir": out, "readjust.factors": factors,
+        "readjust.lengths": lengths, "readjust.max_evals": max_evals, "output.resume": resume,
+    })
+    recipe.output.dir = recipe.output.dir or default_out("readjust")
+    out_dir = Path(recipe.output.dir)
+    if is_main_process():
+        prepare_run_dir(out_dir, "readjust", recipe_to_dict(recipe))
+        setup_logging(out_dir)
+    else:
+        setup_logging()
+    result = run_readjust(recipe, out_dir, resume=recipe.output.resume, progress=not no_progress and is_main_process())
+    if is_main_process():
+        click.echo(f"short-length perplexity {result.best_perplexity:.4f} after {result.evaluations} evaluations; "
+                   f"factors: {result.factors_path}")

@@ -1,0 +1,62 @@
+"""`longrope search`: evolutionary search for LongRoPE factors at a target length."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from longrope_cli.cli.common import (
+    build_stage_recipe,
+    default_out,
+    recipe_arguments,
+    setup_logging,
+    user_errors,
+)
+
+EPILOG = """\b
+Examples:
+  $ longrope search --model testbed --target 2k --out runs/search-2k
+  $ longrope search --model testbed --target 2k --max-evals 200 search.racing=true search.patience=5
+  $ longrope search recipes/llama2-7b-2m.yaml --target 256k search.start_tokens=0   # exportable
+  $ longrope search --model testbed --target 2k --out runs/search-2k --resume      # after a kill
+  $ longrope search --model ./ft-256k --target 2048k search.base_factors=./ft-256k/factors.json
+  $ torchrun --nproc-per-node 8 -m longrope_cli search recipe.yaml search.backend=distributed
+  $ srun --ntasks-per-node 8 longrope search recipe.yaml search.backend=distributed
+"""
+
+
+@click.command(epilog=EPILOG)
+@recipe_arguments
+@click.option("--target", default=None, help="Target context length, e.g. 256k (recipe: search.target).")
+@click.option("--max-evals", type=int, default=None, help="Stop after N fitness evaluations (recipe: search.max_evals).")
+@click.option("--resume", is_flag=True, default=None, help="Continue the search checkpointed in --out.")
+@click.option("--no-progress", is_flag=True, default=False, help="Log lines instead of the live progress display.")
+@user_errors
+def search(args: tuple[str, ...], model: str | None, out: str | None, device: str | None, target: str | None,
+           max_evals: int | None, resume: bool | None, no_progress: bool) -> None:
+    """Search per-frequency rescale factors (and n-hat) that minimise perplexity at --target.
+
+    Writes OUT/factors.json (best so far after every generation; per-pair list under long_factor),
+    OUT/candidates.jsonl (every scored candidate) and OUT/state.json (checkpoint for --resume).
+    Every recipe key of the search: section is listed by `longrope recipe fields`."""
+    from longrope_cli.outputs import prepare_run_dir
+    from longrope_cli.recipe import recipe_to_dict
+    from longrope_cli.search.evaluator import is_main_process
+    from longrope_cli.search.runner import run_search
+
+    recipe = build_stage_recipe(args, {
+        "model.name": model, "model.device": device, "output.dir": out, "search.target": target,
+        "search.max_evals": max_evals, "output.resume": resume,
+    })
+    recipe.output.dir = recipe.output.dir or default_out("search", recipe.search.target)
+    out_dir = Path(recipe.output.dir)
+    if is_main_process():  # under torchrun / srun only rank 0 writes
+        prepare_run_dir(out_dir, "search", recipe_to_dict(recipe))
+        setup_logging(out_dir)
+    else:
+        setup_logging()
+    result = run_search(recipe, out_dir, resume=recipe.output.resume, progress=not no_progress and is_main_process())
+    if is_main_process():
+        click.echo(f"best perplexity {result.best_perplexity:.4f} after {result.evaluations} evaluations "
+                   f"({result.stopped}); factors: {result.factors_path}")

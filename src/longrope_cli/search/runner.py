@@ -1,0 +1,263 @@
+"""`run_search`: from a recipe to `DIR/factors.json`, the best LongRoPE factors at the target length.
+
+Search space (paper): lambda_i on the grid 1.0, 1.01, ... up to 1.25 s (s = target / original), non-
+decreasing from high to low frequency; n-hat from {0, 1, 2, 4, ..., 256} or fixed (0 exports to plain
+transformers). Seeds: PI, NTK and YaRN at the target (snapped to the grid), plus `search.seed_factors`.
+Fitness: perplexity of the first `search.documents` search-split windows of the target length.
+
+Progressive mode (`search.base_factors`, the paper's 2048k search on the 256k fine-tuned model): the
+search runs on factors relative to the fine-tuned model's, absolute = relative x base, with the grid and
+the seeds built for s' = target / base target.
+
+Output folder: factors.json (rewritten after every generation), candidates.jsonl, state.json,
+complete.json (when finished). With `search.backend=distributed` every rank calls `run_search`: rank 0
+runs the evolution and writes the files, the others score candidates, and all return the same result.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from longrope_cli.data import load_windows
+from longrope_cli.errors import RecipeError
+from longrope_cli.lengths import format_length
+from longrope_cli.models import LoadedModel, load_model
+from longrope_cli.outputs import mark_complete
+from longrope_cli.recipe import Recipe, recipe_to_dict, require_target
+from longrope_cli.rope.baselines import baseline_factors
+from longrope_cli.rope.factors import FactorSet, attention_factor, load_factors
+from longrope_cli.rope.layout import RopeLayout
+from longrope_cli.search.engine import Engine, EvolutionSettings, Outcome, Problem
+from longrope_cli.search.evaluator import (
+    DistributedEvaluator,
+    Evaluator,
+    LocalEvaluator,
+    distributed_env,
+    init_distributed,
+    is_main_process,
+)
+from longrope_cli.search.evolution import Candidate, SearchSpace
+from longrope_cli.search.state import Scored, SearchState
+
+log = logging.getLogger(__name__)
+
+FACTORS_FILE = "factors.json"
+SEED_METHODS = ("pi", "ntk", "yarn")
+
+
+@dataclass
+class SearchResult:
+    """What a search (or readjust) produced: the best factor set, its perplexity, and how it was found."""
+
+    best: FactorSet
+    best_perplexity: float
+    evaluations: int
+    factors_path: Path
+    history: list[dict[str, Any]] = field(default_factory=list)
+    stopped: str | None = None
+    seconds: float = 0.0
+    counters: dict[str, float] = field(default_factory=dict)
+    seed_perplexity: dict[str, float] = field(default_factory=dict)
+
+
+def windows_digest(windows: torch.Tensor | Sequence[torch.Tensor]) -> str:
+    """A short hash of the fitness windows: a checkpoint is only valid for the same tokens."""
+    digest = hashlib.sha1()
+    for w in [windows] if isinstance(windows, torch.Tensor) else windows:
+        digest.update(str(tuple(w.shape)).encode())
+        digest.update(w.to(torch.int64).cpu().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def _digest(data: Any) -> str:
+    return hashlib.sha1(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def settings_from_search(recipe: Recipe) -> EvolutionSettings:
+    cfg = recipe.search
+    return EvolutionSettings(
+        population=cfg.population, survivors=cfg.survivors, mutations=cfg.mutations, crossovers=cfg.crossovers,
+        mutation_prob=cfg.mutation_prob, iterations=cfg.iterations, seed=cfg.seed, racing=cfg.racing,
+        race_margin=cfg.race_margin, max_evals=cfg.max_evals, max_minutes=cfg.max_minutes, patience=cfg.patience,
+    ).check("search")
+
+
+def search_problem(recipe: Recipe, layout: RopeLayout, target: int, windows_id: str) -> Problem:
+    """The search space, seeds and candidate -> FactorSet mapping of `longrope search` for one model and target."""
+    cfg = recipe.search
+    scale = layout.scale(target)
+    base: FactorSet | None = None
+    geometry = layout
+    if cfg.base_factors:
+        base = load_factors(cfg.base_factors, layout)
+        if not base.target_length or target <= base.target_length:
+            raise RecipeError(
+                f"search.base_factors {cfg.base_factors!r} was made for "
+                f"{format_length(base.target_length) if base.target_length else 'an unknown length'}; a progressive "
+                f"search needs a base target below search.target={format_length(target)}")
+        geometry = replace(layout, original_length=base.target_length)  # seeds relative to the fine-tuned window
+    relative_scale = geometry.scale(target)
+    if cfg.start_tokens is not None and cfg.start_tokens < 0:
+        raise RecipeError(f"search.start_tokens must be >= 0, got {cfg.start_tokens}")
+    choices = (cfg.start_tokens,) if cfg.start_tokens is not None else tuple(cfg.start_token_choices)
+    if not choices or min(choices) < 0:
+        raise RecipeError("search.start_token_choices must list n-hat values >= 0, e.g. [0, 1, 2, 4, 8]")
+    if cfg.factor_step <= 0 or cfg.factor_min <= 0:
+        raise RecipeError("search.factor_step and search.factor_min must be positive")
+    factor_max = cfg.factor_max_ratio * relative_scale
+    if factor_max < cfg.factor_min:
+        raise RecipeError(f"search.factor_max_ratio x s = {factor_max:g} is below search.factor_min={cfg.factor_min}")
+    space = SearchSpace(layout.pairs, cfg.factor_min, factor_max, cfg.factor_step, choices)
+    attention = attention_factor(cfg.attention, scale, layout.original_length)
+
+    def to_factors(candidate: Candidate) -> FactorSet:
+        values = space.values(candidate)
+        if base is not None:
+            values = tuple(r * b for r, b in zip(values, base.long_factor, strict=True))
+        return FactorSet(long_factor=values, start_tokens=candidate.start, attention=attention,
+                         attention_policy=cfg.attention, target_length=target, method="longrope")
+
+    seeds: list[tuple[Candidate, str]] = []
+    for name in SEED_METHODS:
+        seeds.append((space.snap(baseline_factors(name, geometry, target).long_factor, 0), name))
+    for path in cfg.seed_factors:
+        extra = load_factors(path, layout)
+        values = extra.long_factor
+        if base is not None:
+            values = tuple(v / b for v, b in zip(values, base.long_factor, strict=True))
+        seeds.append((space.snap(values, extra.start_tokens), f"file {Path(path).name}"))
+    fingerprint = {
+        "stage": "search", "model": layout.to_dict(), "target": target, "windows": windows_id,
+        "space": space.describe(), "attention": attention,
+        "base_factors": _digest(list(base.long_factor)) if base else None,
+        "seeds": _digest([[*c.to_json(), o] for c, o in seeds]),
+        **{k: getattr(cfg, k) for k in ("seed", "population", "survivors", "mutations", "crossovers",
+                                        "mutation_prob", "racing", "race_margin")},
+    }
+    return Problem(space=space, seeds=seeds, to_factors=to_factors, fingerprint=fingerprint, label="search")
+
+
+def load_stage_model(recipe: Recipe, distributed: bool) -> LoadedModel:
+    """The recipe's model; under torch.distributed with device auto, each rank takes its local GPU."""
+    device = recipe.model.device
+    if distributed and device == "auto" and torch.cuda.is_available():
+        device = f"cuda:{distributed_env()[2]}"
+    return load_model(recipe.model.name, dtype=recipe.model.dtype, device=device,
+                      attn_implementation=recipe.model.attn_implementation,
+                      original_length=recipe.model.original_length,
+                      trust_remote_code=recipe.model.trust_remote_code)
+
+
+def seed_scores(problem: Problem, state: SearchState) -> dict[str, float]:
+    """Perplexity of each seed (PI, NTK, YaRN as snapped to the grid) from the score cache."""
+    out = {}
+    for candidate, origin in problem.seeds:
+        entry = state.cache.get(candidate)
+        if entry is not None and entry.complete:
+            out[origin] = entry.value
+    return out
+
+
+def drive(problem: Problem, settings: EvolutionSettings, local: LocalEvaluator, out_dir: Path, *, resume: bool,
+          progress: bool, distributed: bool, finish: Callable[[Outcome], SearchResult],
+          write_best: Callable[[Candidate, Scored, SearchState], None]) -> SearchResult:
+    """Run the engine on rank 0 (every rank scores); all ranks return rank 0's result."""
+    evaluator: Evaluator = DistributedEvaluator(local) if distributed else local
+    try:
+        if distributed and evaluator.rank != 0:  # type: ignore[attr-defined]
+            payload = evaluator.serve()  # type: ignore[attr-defined]
+            if isinstance(payload, dict) and "error" in payload:
+                raise RuntimeError(f"rank 0 failed: {payload['error']}")
+            return payload
+        try:
+            outcome = Engine(problem, settings, evaluator, out_dir, resume=resume, progress=progress,
+                             on_generation=write_best).run()
+            result = finish(outcome)
+        except BaseException as err:
+            if distributed:
+                evaluator.shutdown({"error": f"{type(err).__name__}: {err}"})  # type: ignore[attr-defined]
+            raise
+        if distributed:
+            evaluator.shutdown(result)  # type: ignore[attr-defined]
+        return result
+    finally:
+        local.close()
+
+
+def run_search(recipe: Recipe, out_dir: Path, *, resume: bool = False, lm: LoadedModel | None = None,
+               windows: torch.Tensor | None = None, progress: bool = True) -> SearchResult:
+    """Search LongRoPE factors for `recipe.search.target`; write `out_dir/factors.json` (+ log and state).
+
+    Example:
+        >>> result = run_search(load_recipe(None, ["search.target=2k", "search.max_evals=40"]), Path("runs/s"))  # doctest: +SKIP
+        >>> result.best.long_factor[:3], result.best_perplexity                                                 # doctest: +SKIP
+    """
+    cfg = recipe.search
+    if cfg.target is None:
+        raise RecipeError("search.target is not set; pass --target 256k (or set search.target in the recipe)")
+    if cfg.documents < 1:
+        raise RecipeError(f"search.documents must be at least 1, got {cfg.documents}")
+    settings = settings_from_search(recipe)
+    out_dir = Path(out_dir)
+    distributed = cfg.backend == "distributed"
+    ranks = init_distributed(recipe.parallel.dist_backend)[1] if distributed else 1
+    if lm is None:
+        lm = load_stage_model(recipe, distributed)
+    layout = lm.layout
+    target = require_target(cfg.target, layout.original_length, "search.target")
+    if windows is None:
+        windows = load_windows(recipe.data, lm.tokenizer, "search", target, cfg.documents)
+    if windows.shape[-1] != target:
+        raise RecipeError(f"search windows have {windows.shape[-1]} tokens, search.target is {target}")
+    problem = search_problem(recipe, layout, target, windows_digest(windows))
+    local = LocalEvaluator(lm.model, layout, windows, chunk=recipe.model.loss_chunk)
+    factors_path = out_dir / FACTORS_FILE
+    log.info("search: %s, target %s (s = %.3g), %d x %s windows, grid %s..%s step %s, n-hat %s, %d evaluations "
+             "planned", layout.name, format_length(target), layout.scale(target), len(windows),
+             format_length(target), problem.space.factor_min, round(problem.space.factor_max, 4),
+             problem.space.step, "fixed " + str(problem.space.start_choices[0]) if not problem.space.searches_start
+             else "searched", settings.planned_evaluations())
+    provenance = {"stage": "search", "target": target, "seed": cfg.seed, "documents": cfg.documents,
+                  "model": layout.name, "racing": cfg.racing, "ranks": ranks}
+    if cfg.base_factors:
+        provenance["base_factors"] = str(cfg.base_factors)
+
+    def best_factors(candidate: Candidate, scored: Scored, state: SearchState, **extra: Any) -> FactorSet:
+        info = {**provenance, "perplexity": scored.value, "evaluations": state.evaluations,
+                "generation": state.generation, "time": round(state.elapsed, 2), **extra}
+        if cfg.base_factors:
+            info["relative_factor"] = list(problem.space.values(candidate))
+        return problem.to_factors(candidate).with_provenance(**info)
+
+    def write_best(candidate: Candidate, scored: Scored, state: SearchState) -> None:
+        best_factors(candidate, scored, state, status="running").save(factors_path, layout)
+
+    def finish(outcome: Outcome) -> SearchResult:
+        state = outcome.state
+        seeds = seed_scores(problem, state)
+        best = best_factors(outcome.best, outcome.best_score, state, status="complete", stopped=state.stopped,
+                            seed_perplexity=seeds, counters=state.counters,
+                            search=recipe_to_dict(recipe.search))
+        best.save(factors_path, layout)
+        mark_complete(out_dir, "search", factors_path, perplexity=outcome.best_score.value,
+                      evaluations=state.evaluations, stopped=state.stopped, seconds=round(state.elapsed, 2))
+        return SearchResult(best=best, best_perplexity=outcome.best_score.value, evaluations=state.evaluations,
+                            factors_path=factors_path, history=state.history, stopped=state.stopped,
+                            seconds=state.elapsed, counters=dict(state.counters), seed_perplexity=seeds)
+
+    started = time.monotonic()
+    result = drive(problem, settings, local, out_dir, resume=resume, progress=progress, distributed=distributed,
+                   finish=finish, write_best=write_best)
+    if not distributed or is_main_process():
+        log.info("search finished in %.1f s: perplexity %.4f at %s, factors in %s", time.monotonic() - started,
+                 result.best_perplexity, format_length(target), result.factors_path)
+    return result

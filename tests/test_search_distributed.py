@@ -1,0 +1,50 @@
+"""The torch.distributed evaluator: 2 gloo ranks under torchrun give the same search as one process."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import torch
+
+from longrope_cli.models import load_model
+from longrope_cli.recipe import load_recipe
+from longrope_cli.search.runner import run_search
+
+SEARCH = ["search.population=8", "search.survivors=4", "search.mutations=3", "search.crossovers=3",
+          "search.iterations=2", "search.documents=2", "search.racing=true", "search.seed=3"]
+
+
+def test_two_gloo_ranks_match_the_local_search(tiny_model_dir, tiny_corpus, tmp_path):
+    common = [f"data.corpus={tiny_corpus}", *SEARCH]
+    out = tmp_path / "dist"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+               "-m", "longrope_cli", "search", "--model", str(tiny_model_dir), "--device", "cpu", "--target", "256",
+               "--out", str(out), "--no-progress", *common, "search.backend=distributed", "parallel.dist_backend=gloo"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, output[-3000:]
+    assert "rank 1 of 2: scored" in output and "scored 0 candidates" not in output, output[-3000:]
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the ranks ran with one thread each: same arithmetic
+    try:
+        lm = load_model(str(tiny_model_dir), device="cpu")
+        recipe = load_recipe(None, [f"model.name={tiny_model_dir}", "search.target=256", *common])
+        local = run_search(recipe, tmp_path / "local", lm=lm, progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    distributed = json.loads((out / "factors.json").read_text())
+    assert distributed["provenance"]["ranks"] == 2
+    assert distributed["long_factor"] == list(local.best.long_factor)
+    assert distributed["start_tokens"] == local.best.start_tokens
+    assert distributed["provenance"]["perplexity"] == local.best_perplexity
+    assert distributed["provenance"]["evaluations"] == local.evaluations
+    dist_log = [json.loads(line) for line in (out / "candidates.jsonl").read_text().splitlines()]
+    local_log = [json.loads(line) for line in (tmp_path / "local" / "candidates.jsonl").read_text().splitlines()]
+    strip = ("seconds",)
+    assert [{k: v for k, v in r.items() if k not in strip} for r in dist_log] == \
+        [{k: v for k, v in r.items() if k not in strip} for r in local_log]
