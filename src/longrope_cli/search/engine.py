@@ -249,7 +249,7 @@ class Engine:
             to_score = to_score[:max(0, self.settings.max_evals - state.evaluations)]
         batch = max(1, int(getattr(self.evaluator, "parallelism", 1)))
         for start in range(0, len(to_score), batch):
-            if self._out_of_time():
+            if self._out_of_time() and (parents or start > 0):  # the first generation scores at least one batch
                 break
             chunk = to_score[start:start + batch]
             factor_sets = [self.problem.to_factors(c.candidate) for c in chunk]

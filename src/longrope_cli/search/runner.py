@@ -150,7 +150,8 @@ def load_stage_model(recipe: Recipe, distributed: bool) -> LoadedModel:
     """The recipe's model; under torch.distributed with device auto, each rank takes its local GPU."""
     device = recipe.model.device
     if distributed and device == "auto" and torch.cuda.is_available():
-        device = f"cuda:{distributed_env()[2]}"
+        # torchrun shows every GPU to every rank; srun --gpus-per-task=1 shows each task only its own
+        device = f"cuda:{distributed_env()[2] % torch.cuda.device_count()}"
     return load_model(recipe.model.name, dtype=recipe.model.dtype, device=device,
                       attn_implementation=recipe.model.attn_implementation,
                       original_length=recipe.model.original_length,
