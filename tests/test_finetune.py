@@ -238,3 +238,17 @@ def test_cli_runs_and_documents_itself(tiny_model_dir, tiny_corpus, factor_file,
     assert json.loads((out / "model" / "config.json").read_text())["max_position_embeddings"] == TARGET
     help_text = CliRunner().invoke(cli, ["finetune", "--help"]).output
     assert "$ longrope finetune" in help_text and "--resume" in help_text
+
+
+def test_context_parallel_shards_are_not_read_as_packed_sequences(tiny_model_dir):
+    """A load-balanced shard holds positions [0, 32) and [96, 128): causal attention must span the jump."""
+    lm = load_model(str(tiny_model_dir), device="cpu")
+    module = ft.ChunkedCausalLM(lm.model, chunk=16)
+    ids = torch.randint(0, 300, (1, 64), generator=torch.Generator().manual_seed(0))
+    labels = ids.roll(-1, 1)
+    positions = torch.cat([torch.arange(32), torch.arange(96, 128)]).view(1, -1)
+    with torch.no_grad():
+        nll, _ = module(ids, labels, positions)
+        hidden = lm.model.model(input_ids=ids, position_ids=positions, use_cache=False).last_hidden_state
+        packed, _ = ft.chunked_nll(lm.model, hidden, labels, chunk=16)
+    assert not torch.allclose(nll, packed)  # without the guard the second chunk would not see the first

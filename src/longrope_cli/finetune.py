@@ -80,7 +80,12 @@ class ChunkedCausalLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor,
                 position_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        hidden = decoder_of(self.model)(input_ids=input_ids, position_ids=position_ids, use_cache=False)
+        # A context-parallel shard holds two chunks of the sequence (load balancing), so its position ids
+        # jump; with no mask transformers would read that as packed sequences and mask across the jump.
+        # An all-ones mask keeps plain causal attention (sdpa still runs is_causal, no mask tensor).
+        mask = torch.ones_like(input_ids) if position_ids is not None else None
+        hidden = decoder_of(self.model)(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
+                                        use_cache=False)
         return chunked_nll(self.model, hidden.last_hidden_state, labels, chunk=self.chunk, recompute=True)
 
 

@@ -92,13 +92,16 @@ def stage_function(command: str) -> Callable[..., Any]:
 
 def _format_value(value: Any) -> str:
     """A `key=value` right-hand side that parse_override reads back as `value`."""
-    if isinstance(value, str):
+    candidates = [value] if isinstance(value, str) else []
+    if isinstance(value, list | dict):
+        candidates.append(yaml.safe_dump(value, default_flow_style=True, width=1 << 20).strip())
+    for text in candidates:
         try:
-            if yaml.safe_load(value) == value and "\n" not in value:
-                return value
+            if "\n" not in text and yaml.safe_load(text) == value:
+                return text
         except yaml.YAMLError:
             pass
-    return json.dumps(value)  # JSON is YAML: lists, numbers, quoted strings
+    return json.dumps(value)  # JSON is YAML: numbers, quoted strings
 
 
 def _substitute(value: Any, folders: dict[str, Path], where: str) -> Any:
