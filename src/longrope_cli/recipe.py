@@ -156,8 +156,8 @@ class StageConfig:
     name: str = _field("", "stage name; later stages refer to its output as ${name}")
     command: Literal["search", "finetune", "readjust", "eval", "export"] = _field("search", "which stage to run")
     overrides: dict[str, Any] = _field({}, "dotted recipe keys set for this stage only")
-    factors: str | None = _field(None, "export stages: the factor file to export (default: the previous "
-                                       "stage's factors.json)")
+    factors: str | None = _field(None, "export stages: the factor file to export (default: factors.json of the "
+                                       "last earlier search, finetune or readjust stage)")
 
 
 @dataclass
