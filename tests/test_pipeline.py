@@ -154,7 +154,7 @@ def test_export_stage_takes_the_previous_factors(tmp_path, monkeypatch):
     monkeypatch.setitem(pipeline.STAGE_FUNCTIONS, "export", export)
     data = {**RECIPE, "stages": RECIPE["stages"] + [{"name": "final", "command": "export"}]}
     pipeline.run_pipeline(write_recipe(tmp_path, data), out_root=tmp_path / "o", progress=False)
-    assert seen["factors"] == str(tmp_path / "o" / "ev" / "factors.json")
+    assert seen["factors"] == str(tmp_path / "o" / "s2" / "factors.json")  # the last stage that writes factors
     assert stubs.names[-1] == "ev"
 
 

@@ -50,6 +50,7 @@ STAGE_FUNCTIONS: dict[str, tuple[str, str] | Callable[..., Any]] = {
     "eval": ("longrope_cli.evaluate.runner", "run_eval"),
     "export": ("longrope_cli.pipeline", "run_export"),
 }
+FACTOR_STAGES = ("search", "finetune", "readjust")  # stages that write DIR/factors.json
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
 _REF = re.compile(r"\$\{([^}]*)\}")
 
@@ -198,9 +199,10 @@ def plan_pipeline(recipe_path: str | Path, overrides: Sequence[str] = (), *,
             raise RecipeError(f"stage {stage.name!r}: {err}") from None
         factors = _substitute(stage.factors, folders, f"{stage.name}.factors") if stage.factors else None
         if stage.command == "export" and factors is None:
-            if index == 0:
-                raise RecipeError(f"export stage {stage.name!r} needs `factors:` (no earlier stage to take them from)")
-            factors = str(folders[names[index - 1]] / "factors.json")
+            makers = [s.name for s in base.stages[:index] if s.command in FACTOR_STAGES]
+            if not makers:
+                raise RecipeError(f"export stage {stage.name!r} needs `factors:` (no earlier stage writes factors)")
+            factors = str(folders[makers[-1]] / "factors.json")
         plan.append(Stage(index, stage.name, stage.command, folders[stage.name], recipe, stage_overrides,
                           _status(folders[stage.name]), factors))
     return root, plan
@@ -299,7 +301,7 @@ def run_pipeline(recipe_path: str | Path, overrides: Sequence[str] = (), *, out_
         "recipe": str(recipe_path), "overrides": list(overrides),
         "stages": [{"name": o.name, "command": o.command, "status": o.status, "seconds": round(o.seconds, 1),
                     "out": str(o.out), **o.summary} for o in outcomes]})
-    print_summary(outcomes)
+    print_summary(outcomes, root)
     return outcomes
 
 
@@ -309,17 +311,21 @@ def _short(value: Any) -> str:
     return str(value)
 
 
-def print_summary(outcomes: list[Outcome]) -> None:
+def print_summary(outcomes: list[Outcome], root: Path | None = None) -> None:
+    """The table `longrope run` ends with: what each stage did, where its artifact is, its headline numbers."""
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title="longrope run")
-    for column in ("#", "stage", "command", "status", "time", "output", "result"):
+    table = Table(title=f"longrope run: {root}" if root else "longrope run")
+    for column in ("#", "stage", "command", "status", "time", "artifact", "result"):
         table.add_column(column, overflow="fold")
     for i, o in enumerate(outcomes, 1):
         result = ", ".join(f"{k}={_short(v)}" for k, v in o.summary.items()
-                           if k != "artifact" and isinstance(v, int | float | str))
-        artifact = o.summary.get("artifact")
-        output = str(o.out / artifact) if artifact else str(o.out)
-        table.add_row(str(i), o.name, o.command, o.status, f"{o.seconds:.0f}s", output, result)
-    Console(stderr=False).print(table)
+                           if k not in ("artifact", "seconds") and isinstance(v, int | float | str))
+        artifact = o.out / o.summary["artifact"] if o.summary.get("artifact") else o.out
+        shown = artifact.relative_to(root) if root and artifact.is_relative_to(root) else artifact
+        table.add_row(str(i), o.name, o.command, o.status, f"{o.seconds:.0f}s", str(shown), result)
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=140)  # logs and CI: do not wrap at 80 columns
+    console.print(table)
