@@ -9,9 +9,14 @@ Example (runs as written on the bundled test bed):
 
 from __future__ import annotations
 
+import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from longrope_cli.errors import DataError
 from longrope_cli.lengths import parse_length
 from longrope_cli.models import LoadedModel, load_model
 from longrope_cli.rope.factors import FactorSet, load_factors
@@ -99,7 +104,73 @@ def passkey(lm: LoadedModel, lengths: list[int | str], depths: tuple[float, ...]
     return {n: sum(r.correct for r in rs) / sum(r.trials for r in rs) for n, rs in by_length.items()}
 
 
+@dataclass
+class ExtendResult:
+    """What `extend_context` returns: the model (factors installed), the factor set and its search record."""
+
+    model: LoadedModel
+    factors: FactorSet
+    perplexity: float
+    evaluations: int
+    factors_path: Path
+    record: Any  # search.runner.SearchResult: history, counters, seed perplexities
+
+
+def fitness_windows(data: Any, tokenizer: Any, length: int, count: int) -> torch.Tensor:
+    """Search windows (count, length) from a corpus path / 'testbed' (its search split), a list of texts,
+    or token tensors (1-D: one document; 2-D: rows that already start with BOS, truncated to `length`)."""
+    from longrope_cli.data import Document, load_corpus, make_windows, tokenize_documents
+
+    bos = tokenizer.bos_token_id
+    if isinstance(data, torch.Tensor):
+        if data.dim() == 2:
+            if data.shape[1] < length:
+                raise DataError(f"token rows have {data.shape[1]} tokens; the target needs {length}")
+            if data.shape[0] < count:
+                raise DataError(f"{data.shape[0]} token rows given, search.documents={count} needed")
+            return data[:count, :length].long()
+        return make_windows([data.long().numpy()], length, count, bos, 0, "given")
+    if isinstance(data, str | Path):
+        docs = load_corpus(str(data)).split("search")
+        return make_windows(tokenize_documents(docs, tokenizer), length, count, bos, 0, "search")
+    if isinstance(data, list | tuple) and data and all(isinstance(t, str) for t in data):
+        docs = [Document(id=str(i), text=t) for i, t in enumerate(data)]
+        return make_windows(tokenize_documents(docs, tokenizer), length, count, bos, 0, "given")
+    raise DataError("data must be a corpus path or 'testbed', a list of texts, or a tensor of token ids")
+
+
+def extend_context(model: LoadedModel | str, data: Any, target_length: int | str, *,
+                   out_dir: str | Path | None = None, progress: bool = False, **search_options: Any) -> ExtendResult:
+    """Search LongRoPE factors for `target_length` on `data` and install the best ones on the model.
+
+    `search_options` are `search:` recipe keys (population, iterations, max_evals, documents, start_tokens,
+    racing, seed, ...); unknown names are refused with a suggestion. The search record (factors.json,
+    candidates.jsonl, state.json) goes to `out_dir` (default: a fresh temporary folder).
+
+    Example:
+        >>> lm = load_model("testbed")                                                  # doctest: +SKIP
+        >>> result = extend_context(lm, "testbed", "2k", max_evals=24, documents=2)      # doctest: +SKIP
+        >>> result.factors.long_factor[:2], result.perplexity                           # doctest: +SKIP
+    """
+    from longrope_cli.recipe import build_recipe
+    from longrope_cli.search.runner import run_search
+
+    lm = model if isinstance(model, LoadedModel) else load_model(model)
+    target = parse_length(target_length, "target_length")
+    flags = {f"search.{key}": value for key, value in search_options.items()}
+    recipe = build_recipe({"model": {"name": lm.name}}, flags={**flags, "search.target": target})
+    windows = fitness_windows(data, lm.tokenizer, target, recipe.search.documents)
+    out = Path(out_dir) if out_dir is not None else Path(tempfile.mkdtemp(prefix="longrope-search-"))
+    record = run_search(recipe, out, lm=lm, windows=windows, progress=progress)
+    install_factors(lm.model, record.best, lm.layout)
+    return ExtendResult(model=lm, factors=record.best, perplexity=record.best_perplexity,
+                        evaluations=record.evaluations, factors_path=record.factors_path, record=record)
+
+
 __all__ = [
+    "ExtendResult",
+    "extend_context",
+    "fitness_windows",
     "FactorSet",
     "LoadedModel",
     "as_factor_set",
