@@ -26,6 +26,8 @@ import argparse  # noqa: E402
 import gc  # noqa: E402
 import json  # noqa: E402
 import re  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -79,12 +81,13 @@ def forward_flops(config, length: int) -> float:
     return dense + attention
 
 
-def matmul_flops(device: torch.device, dtype: torch.dtype, n: int = 2048, reps: int = 10) -> float:
+def matmul_flops(device: torch.device, dtype: torch.dtype, n: int = 2048, reps: int = 5, trials: int = 3) -> float:
+    """FLOP/s of an n x n matmul: the best of a few trials (a shared machine only ever slows it down)."""
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     a @ b  # warm-up
-    seconds, _, _ = measure(lambda: [a @ b for _ in range(reps)], device)
-    return 2 * n**3 * reps / seconds
+    best = min(measure(lambda: [a @ b for _ in range(reps)], device)[0] for _ in range(trials))
+    return 2 * n**3 * reps / best
 
 
 def table(title: str, header: list[str], rows: list[list]) -> None:
@@ -99,32 +102,58 @@ def table(title: str, header: list[str], rows: list[list]) -> None:
 # --------------------------------------------------------------------------- parts
 
 
-def bench_scoring(lm, args, device) -> list[dict]:
-    rows, out = [], []
-    dtype = next(lm.model.parameters()).dtype
-    peak = matmul_flops(device, dtype)
-    for length in args.lengths:
-        windows = load_windows(args.data, lm.tokenizer, "search", length, 1)
-        factors = baseline_factors("pi", lm.layout, max(length, lm.layout.original_length + 1))
+def measure_one(args) -> None:
+    """Child process: load the model, time and measure one scoring of one window, print JSON. A fresh process per
+    measurement, so that one method's freed-but-resident memory does not hide the other's peak."""
+    method, length = args.measure[0], parse_length(args.measure[1])
+    lm = load_model(args.model, device=args.device)
+    device = lm.device
+    windows = load_windows(args.data, lm.tokenizer, "search", length, 1)
+    warm = windows[:, :min(length, 256)]
+    factors = baseline_factors("pi", lm.layout, max(length, lm.layout.original_length + 1))
+    install_factors(lm.model, factors, lm.layout)
+    if method == "ours":
         evaluator = LocalEvaluator(lm.model, lm.layout, windows, chunk=args.chunk)
-        evaluator.score(factors)  # warm-up (installs the rotary module)
-        ours_s, ours_mb, fit = measure(lambda e=evaluator, f=factors: e.score(f), device)
+        LocalEvaluator(lm.model, lm.layout, warm, chunk=args.chunk).score(factors)  # warm-up on a short window
+        seconds, peak, fit = measure(lambda: evaluator.score(factors), device)
+        ppl = float(fit)
+    else:
         ids = windows.to(device)
 
         def reference(ids=ids):
             with torch.no_grad():
                 return float(lm.model(input_ids=ids, labels=ids, use_cache=False).loss)
 
-        ref_s, ref_mb, loss = measure(reference, device)
-        evaluator.close()
+        reference(warm.to(device))
+        seconds, peak, loss = measure(reference, device)
+        ppl = float(torch.tensor(loss).exp())
+    print(json.dumps({"seconds": seconds, "peak_mib": peak, "perplexity": ppl}))
+
+
+def _child(args, method: str, length: int) -> dict:
+    command = [sys.executable, __file__, "--model", args.model, "--corpus", args.corpus, "--device", args.device,
+               "--chunk", str(args.chunk), "--measure", method, str(length)]
+    if args.threads:
+        command += ["--threads", str(args.threads)]
+    done = subprocess.run(command, capture_output=True, text=True, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def bench_scoring(lm, args, device) -> list[dict]:
+    rows, out = [], []
+    dtype = next(lm.model.parameters()).dtype
+    peak = matmul_flops(device, dtype)
+    for length in args.lengths:
+        ours, ref = _child(args, "ours", length), _child(args, "reference", length)
         flops = forward_flops(lm.model.config, length)
         logits_mb = length * lm.model.config.vocab_size * 4 / 2**20
-        rows.append([format_length(length), f"{ours_s:.2f}", f"{ref_s:.2f}", f"{ours_mb:.0f}", f"{ref_mb:.0f}",
-                     f"{logits_mb:.0f}", f"{float(fit):.3f}", f"{torch.tensor(loss).exp().item():.3f}",
-                     f"{flops / ours_s / 1e9:.1f}", f"{flops / ours_s / peak:.2f}"])
-        out.append({"length": length, "ours_s": ours_s, "reference_s": ref_s, "ours_mib": ours_mb,
-                    "reference_mib": ref_mb, "gflops": flops / ours_s / 1e9, "fraction_of_matmul": flops / ours_s / peak})
-    table(f"1-2. scoring one window ({device.type}, {dtype}; matmul peak {peak / 1e9:.1f} GFLOP/s)",
+        rate = flops / ours["seconds"]
+        rows.append([format_length(length), f"{ours['seconds']:.2f}", f"{ref['seconds']:.2f}",
+                     f"{ours['peak_mib']:.0f}", f"{ref['peak_mib']:.0f}", f"{logits_mb:.0f}",
+                     f"{ours['perplexity']:.3f}", f"{ref['perplexity']:.3f}", f"{rate / 1e9:.1f}", f"{rate / peak:.2f}"])
+        out.append({"length": length, "ours": ours, "reference": ref, "gflops": rate / 1e9,
+                    "fraction_of_matmul": rate / peak})
+    table(f"1-2. scoring one window, fresh process each ({device.type}, {dtype}; matmul {peak / 1e9:.1f} GFLOP/s)",
           ["length", "ours s", "model(labels) s", "ours peak MiB", "model(labels) peak MiB", "fp32 logits MiB",
            "ours ppl", "model(labels) ppl", "ours GFLOP/s", "fraction of matmul"], rows)
     return out
@@ -161,21 +190,22 @@ def bench_search(lm, args, device) -> dict:
             result = run_search(search_recipe(args, target, *extra), out, lm=lm, windows=windows, progress=False)
             wall = time.perf_counter() - started
             runs[name] = (result, wall, out)
-        goal = runs["plain"][0].best_perplexity
+        goal = max(result.best_perplexity for result, _, _ in runs.values())  # a level every run reaches
         rows, overhead = [], []
         for name, (result, wall, out) in runs.items():
             c = result.counters
             mean_eval = c["eval_seconds"] / max(result.evaluations, 1)
             overhead.append([name, result.evaluations, f"{mean_eval:.3f}", f"{wall:.1f}",
                              f"{wall / (result.evaluations * mean_eval):.3f}"])
-            rows.append([name, int(c["requested"]), result.evaluations, int(c["cache_hits"]), int(c["raced"]),
-                         int(c["windows"]), forwards_to_reach(out, goal), f"{result.best_perplexity:.4f}"])
+            rows.append([name, result.evaluations + int(c["duplicates"]) + int(c["cache_hits"]), result.evaluations,
+                         int(c["duplicates"]), int(c["cache_hits"]), int(c["raced"]), int(c["windows"]),
+                         forwards_to_reach(out, goal), f"{result.best_perplexity:.4f}"])
         table("3. overhead: search wall time / (evaluations x mean evaluation time)",
               ["run", "evaluations", "mean eval s", "wall s", "overhead"], overhead)
         table(f"4a. evaluations at {format_length(target)} (population {args.population}, {args.iterations} "
               f"generations, {args.documents} documents)",
-              ["run", "requested (no cache)", "scored (cache)", "cache hits", "raced", "window forwards",
-               f"forwards to reach {goal:.4f}", "best ppl"], rows)
+              ["run", "evaluations without dedup", "evaluations (cache)", "duplicate draws", "cache hits", "raced",
+               "window forwards", f"forwards to reach {goal:.4f}", "best ppl"], rows)
         # 4b: held-out perplexity (eval split) next to the fitness (search split), every method scored the same way
         eval_windows = load_windows(args.data, lm.tokenizer, "eval", target, args.eval_documents)
         methods = {m: baseline_factors(m, lm.layout, target) for m in ("none", "pi", "ntk", "yarn")}
@@ -210,14 +240,18 @@ def main() -> None:
     parser.add_argument("--chunk", type=int, default=1024, help="loss chunk (tokens per logits block)")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--json", default=None, help="also write the numbers to this file")
+    parser.add_argument("--measure", nargs=2, default=None, help=argparse.SUPPRESS)  # internal: one child measurement
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     args.lengths = parse_lengths(args.lengths)
     args.target = parse_length(args.target)
+    args.data = load_recipe(None, [f"data.corpus={args.corpus}"]).data
+    if args.measure:
+        measure_one(args)
+        return
     parts = {p.strip() for p in args.parts.split(",")}
     lm = load_model(args.model, device=args.device)
-    args.data = load_recipe(None, [f"data.corpus={args.corpus}"]).data
     device = lm.device
     print(f"model {args.model}: {lm.layout.pairs} pairs, window {lm.layout.original_length}, "
           f"{sum(p.numel() for p in lm.model.parameters()) / 1e6:.1f}M parameters; torch {torch.__version__}, "

@@ -95,6 +95,7 @@ def test_a_candidate_is_never_scored_twice(lm, tiny_model_dir, tiny_corpus, tmp_
     scored = [(fs.long_factor, fs.start_tokens) for fs in count_scores]
     assert len(scored) == len(set(scored)) == first.evaluations
     assert first.counters["requested"] >= first.evaluations
+    assert first.counters["duplicates"] > 0  # old candidates were drawn, and redrawn instead of rescored
     # Resuming with more generations scores only new candidates, and the log holds each candidate once.
     more = load_recipe(None, [f"model.name={tiny_model_dir}", "model.device=cpu", f"data.corpus={tiny_corpus}",
                               f"search.target={TARGET}", *SMALL, "search.factor_step=0.5", "search.start_tokens=0",

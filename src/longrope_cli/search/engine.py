@@ -180,8 +180,11 @@ class Engine:
                 state.stopped = self._stop_reason(state)
                 if state.stopped:
                     break
+                stats = {"duplicates": 0}
                 children = propose(state.parents, space, rng, mutations=settings.mutations,
-                                   crossovers=settings.crossovers, prob=settings.mutation_prob, seen=self._seen)
+                                   crossovers=settings.crossovers, prob=settings.mutation_prob, seen=self._seen,
+                                   stats=stats)
+                state.counters["duplicates"] = state.counters.get("duplicates", 0) + stats["duplicates"]
                 if not children:
                     state.stopped = "exhausted"
                     break

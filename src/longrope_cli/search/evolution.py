@@ -159,11 +159,15 @@ def crossover(a: Candidate, b: Candidate, rng: np.random.Generator) -> Candidate
     return Candidate(tuple(int(x) for x in genes), int(start))
 
 
-def _new_child(make: Callable[[], Candidate], taken: set[Candidate] | frozenset, tries: int) -> Candidate | None:
-    for _ in range(tries):
+def _new_child(make: Callable[[], Candidate], taken: set[Candidate] | frozenset, tries: int,
+               stats: dict[str, int] | None = None) -> Candidate | None:
+    for attempt in range(tries):
         child = make()
         if child not in taken:
             return child
+        if attempt == 0 and stats is not None:
+            # A search without dedup would have scored this draw again: what the cache / redraw saves.
+            stats["duplicates"] = stats.get("duplicates", 0) + 1
     return None
 
 
@@ -204,17 +208,19 @@ def initial_population(
 def propose(
     parents: Sequence[Candidate], space: SearchSpace, rng: np.random.Generator, *, mutations: int,
     crossovers: int, prob: float, seen: set[Candidate] | frozenset, tries: int = TRIES,
+    stats: dict[str, int] | None = None,
 ) -> list[Child]:
     """One generation of children: `mutations` mutants of random parents, then `crossovers` crossings of two
     distinct random parents (a crossing that cannot be new falls back to a mutant of its first parent).
-    Children are new: not in `seen` (candidates of earlier generations), not parents, not each other."""
+    Children are new: not in `seen` (candidates of earlier generations), not parents, not each other.
+    `stats["duplicates"]` counts first draws that were not new (a search without dedup would rescore them)."""
     if not parents:
         return []
     taken: set[Candidate] = set(seen) | set(parents)
     children: list[Child] = []
     for _ in range(mutations):
         parent = parents[int(rng.integers(len(parents)))]
-        child = _new_child(lambda p=parent: mutate(p, space, rng, prob), taken, tries)
+        child = _new_child(lambda p=parent: mutate(p, space, rng, prob), taken, tries, stats)
         if child is not None:
             taken.add(child)
             children.append(Child(child, "mutation"))
@@ -223,7 +229,7 @@ def propose(
             break
         i, j = rng.choice(len(parents), size=2, replace=False)
         a, b = parents[int(min(i, j))], parents[int(max(i, j))]
-        child = _new_child(lambda a=a, b=b: crossover(a, b, rng), taken, tries)
+        child = _new_child(lambda a=a, b=b: crossover(a, b, rng), taken, tries, stats)
         origin = "crossover"
         if child is None:
             child = _new_child(lambda a=a: mutate(a, space, rng, prob), taken, tries)

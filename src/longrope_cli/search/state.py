@@ -75,7 +75,7 @@ class SearchState:
     parents: list[Candidate] = field(default_factory=list)
     cache: dict[Candidate, Scored] = field(default_factory=dict)
     counters: dict[str, float] = field(default_factory=lambda: {
-        "requested": 0, "cache_hits": 0, "raced": 0, "windows": 0, "eval_seconds": 0.0})
+        "requested": 0, "cache_hits": 0, "duplicates": 0, "raced": 0, "windows": 0, "eval_seconds": 0.0})
     elapsed: float = 0.0
     stalled: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
