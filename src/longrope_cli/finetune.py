@@ -331,11 +331,11 @@ class Finetune:
             ckpt.save_hf_model(lm.model, lm.tokenizer, state, factors, lm.layout, self.export_target, model_dir,
                                self.save_dtype)
             factors.save(self.out / "factors.json", lm.layout)
-            if not cfg.keep_checkpoint:
-                for name in (ckpt.CHECKPOINT, ckpt.CHECKPOINT + ".old"):
-                    shutil.rmtree(self.out / name, ignore_errors=True)
             mark_complete(self.out, "finetune", model_dir, steps=cfg.steps, final_loss=self.last_loss,
                           train_length=self.target)
+            if not cfg.keep_checkpoint:  # after the marker: a kill in between must not lose the finished run
+                for name in (ckpt.CHECKPOINT, ckpt.CHECKPOINT + ".old"):
+                    shutil.rmtree(self.out / name, ignore_errors=True)
             log.info("fine-tuned model: %s (final loss %.4f)", model_dir, self.last_loss)
         env.barrier()
         return model_dir
