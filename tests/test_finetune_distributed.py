@@ -109,3 +109,30 @@ def test_sigterm_on_one_rank_checkpoints_all_and_resumes(recipe_file, single, tm
     resumed = torchrun(recipe_file, out, "--resume", "parallel.fsdp=true")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert_close_weights(out, single)
+
+
+# --------------------------------------------------------------------------- GPUs (skipped without them)
+
+
+@pytest.mark.gpu
+def test_bf16_on_one_gpu_trains_and_saves_the_source_dtype(recipe_file, tmp_path):
+    out = tmp_path / "gpu"
+    run_finetune(load_recipe(recipe_file, ["model.device=cuda", "finetune.precision=bf16", "finetune.steps=6"]), out,
+                 progress=False)
+    rows = losses(out)
+    assert rows[-1] < rows[0]
+    config = json.loads((out / "model" / "config.json").read_text())
+    assert config["dtype"] == "float32"  # fp32 master weights, saved as the checkpoint came
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
+def test_context_parallel_on_two_gpus_matches_one_gpu(recipe_file, tmp_path):
+    """Each sequence split over 2 GPUs (ring attention) gives the loss of the whole sequence on one GPU."""
+    settings = ["model.device=cuda", "finetune.precision=fp32", "finetune.micro_batch_size=1"]
+    one = tmp_path / "one"
+    run_finetune(load_recipe(recipe_file, settings), one, progress=False)
+    two = tmp_path / "cp2"
+    done = torchrun(recipe_file, two, *settings, "parallel.context_parallel=2", "parallel.fsdp=true")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert losses(two) == pytest.approx(losses(one), rel=2e-3)
