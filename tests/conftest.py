@@ -16,8 +16,7 @@ import torch  # noqa: E402
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 SPLIT_SEEDS = {"train": 1, "search": 2, "eval": 3}
-WORDS = ("the of and to a in that was her she it not be his as had with for you he but my all so at "
-         "which have by on mr elizabeth would very could said they were been from this sister more what").split()
+WORDS = ["the", "of", "and", "to", "a", "in", "that", "was", "her", "she", "it", "not", "be", "his", "as", "had", "with", "for", "you", "he", "but", "my", "all", "so", "at", "which", "have", "by", "on", "mr", "elizabeth", "would", "very", "could", "said", "they", "were", "been", "from", "this", "sister", "more", "what"]
 
 
 def tiny_text(n_words: int, seed: int) -> str:

@@ -25,7 +25,7 @@ def test_folder_splits_are_disjoint_and_windows_start_with_bos(tiny_corpus, tiny
         assert windows[i, 1:].tolist() == tokens[i][:127].tolist()
     # cached: the second call reads the same tokens back
     again = tokenize_documents(corpus.split("eval"), tiny_tokenizer, cache_dir=tmp_path)
-    assert all(np.array_equal(a, b) for a, b in zip(tokens, again))
+    assert all(np.array_equal(a, b) for a, b in zip(tokens, again, strict=True))
 
 
 def test_windows_per_doc_one_is_the_paper(tiny_corpus, tiny_tokenizer, tmp_path):

@@ -95,4 +95,4 @@ def test_relative_search_is_multiplicative():
     base = yarn_factors(LAYOUT, 2048)
     relative = FactorSet(long_factor=(1.0, 2.0, 2.0, 2.0))
     absolute = relative_to_absolute(relative, base)
-    assert absolute.long_factor == tuple(r * b for r, b in zip(relative.long_factor, base.long_factor))
+    assert absolute.long_factor == tuple(r * b for r, b in zip(relative.long_factor, base.long_factor, strict=True))

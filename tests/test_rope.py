@@ -6,13 +6,18 @@ import math
 
 import pytest
 import torch
-from conftest import tiny_llama
 
+from conftest import tiny_llama
 from longrope_cli.errors import FactorFileError, ModelError
 from longrope_cli.rope import baselines
 from longrope_cli.rope.factors import FactorSet, attention_factor
 from longrope_cli.rope.layout import layout_from_config
-from longrope_cli.rope.rotary import LongRopeRotaryEmbedding, install_factors, installed_factors, remove_factors
+from longrope_cli.rope.rotary import (
+    LongRopeRotaryEmbedding,
+    install_factors,
+    installed_factors,
+    remove_factors,
+)
 
 ORIGINAL = 64
 
@@ -159,3 +164,14 @@ def test_baselines_shapes_and_order():
     assert ntk[0] == pytest.approx(1.0) and ntk[-1] == pytest.approx(8.0)
     yarn = baselines.yarn_factors(layout, target).long_factor
     assert yarn[0] == pytest.approx(1.0) and yarn[-1] == pytest.approx(8.0)
+
+
+def test_original_rotary_is_temporary():
+    from longrope_cli.rope.rotary import original_rotary
+
+    model = tiny_llama()
+    factors = baselines.pi_factors(layout_from_config(model.config), 256)
+    install_factors(model, factors)
+    with original_rotary(model):
+        assert installed_factors(model) is None
+    assert installed_factors(model) == factors

@@ -3,7 +3,12 @@
 from longrope_cli.rope.baselines import BASELINES, baseline_factors
 from longrope_cli.rope.factors import FactorSet, attention_factor, load_factors
 from longrope_cli.rope.layout import RopeLayout, layout_from_config
-from longrope_cli.rope.rotary import LongRopeRotaryEmbedding, install_factors, installed_factors, remove_factors
+from longrope_cli.rope.rotary import (
+    LongRopeRotaryEmbedding,
+    install_factors,
+    installed_factors,
+    remove_factors,
+)
 
 __all__ = [
     "BASELINES",

@@ -19,7 +19,7 @@ from longrope_cli.lengths import format_length
 from longrope_cli.outputs import atomic_write_json
 from longrope_cli.rope.factors import FactorSet
 from longrope_cli.rope.layout import RopeLayout
-from longrope_cli.rope.rotary import installed_factors, remove_factors
+from longrope_cli.rope.rotary import original_rotary
 
 log = logging.getLogger(__name__)
 
@@ -78,15 +78,8 @@ def export_model(model: Any, tokenizer: Any, factors: FactorSet, layout: RopeLay
     tmp = out.with_name(out.name + ".partial")
     if tmp.exists():
         shutil.rmtree(tmp)
-    active = installed_factors(model)
-    remove_factors(model)  # save transformers' own modules, not ours
-    try:
+    with original_rotary(model):  # save transformers' own modules, not ours
         model.save_pretrained(tmp, safe_serialization=True)
-    finally:
-        if active is not None:
-            from longrope_cli.rope.rotary import install_factors
-
-            install_factors(model, active, layout)
     tokenizer.save_pretrained(tmp)
     config_path = tmp / "config.json"
     config = json.loads(config_path.read_text(encoding="utf-8"))

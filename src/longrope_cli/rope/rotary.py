@@ -9,6 +9,8 @@ reloading the model: during a search only these tables change between candidates
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -145,3 +147,17 @@ def installed_factors(model: nn.Module) -> FactorSet | None:
         if isinstance(module, LongRopeRotaryEmbedding):
             return module.factors
     return None
+
+
+@contextmanager
+def original_rotary(model: nn.Module) -> Iterator[nn.Module]:
+    """Temporarily put transformers' own rotary modules back, e.g. around `save_pretrained`, then ours again."""
+    ours = [(parent, attr, module) for parent, attr, module in _rotary_slots(model)
+            if isinstance(module, LongRopeRotaryEmbedding) and module.original_module is not None]
+    for parent, attr, module in ours:
+        setattr(parent, attr, module.original_module)
+    try:
+        yield model
+    finally:
+        for parent, attr, module in ours:
+            setattr(parent, attr, module)

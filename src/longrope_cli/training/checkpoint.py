@@ -24,7 +24,7 @@ from longrope_cli.outputs import atomic_write_json
 from longrope_cli.rope.export import exportable_config
 from longrope_cli.rope.factors import FactorSet
 from longrope_cli.rope.layout import RopeLayout
-from longrope_cli.rope.rotary import install_factors, installed_factors, remove_factors
+from longrope_cli.rope.rotary import original_rotary
 from longrope_cli.training.distributed import ParallelEnv
 
 log = logging.getLogger(__name__)
@@ -141,13 +141,8 @@ def save_hf_model(model: Any, tokenizer: Any, state: dict[str, torch.Tensor], fa
     if tmp.exists():
         shutil.rmtree(tmp)
     state = {k: v.detach().to("cpu", dtype=dtype if v.is_floating_point() else v.dtype) for k, v in state.items()}
-    active = installed_factors(model)
-    remove_factors(model)  # save transformers' modules, not ours
-    try:
+    with original_rotary(model):  # save transformers' modules, not ours
         model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
-    finally:
-        if active is not None:
-            install_factors(model, active, layout)
     tokenizer.save_pretrained(tmp)
     config_path = tmp / "config.json"
     config = json.loads(config_path.read_text(encoding="utf-8"))
