@@ -196,7 +196,9 @@ def _cache_kwarg(model) -> str:
 def _greedy(model, batch: torch.Tensor, new_tokens: int) -> torch.Tensor:
     """Greedy decoding with the KV cache; returns the ``new_tokens`` generated ids."""
     kwarg = _cache_kwarg(model)
-    out = model(input_ids=batch, use_cache=True)
+    # Only the last position's logits are needed: at 128k x 32k vocab the full prefill logits would be 16 GiB.
+    keep = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+    out = model(input_ids=batch, use_cache=True, **keep)
     nxt = out.logits[:, -1, :].argmax(dim=-1, keepdim=True)
     generated = [nxt]
     for _ in range(new_tokens - 1):
