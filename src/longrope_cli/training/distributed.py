@@ -16,7 +16,6 @@ different sequences. Gradients are averaged over all ranks, which is the batch m
 from __future__ import annotations
 
 import logging
-import os
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,6 +26,7 @@ from torch import nn
 
 from longrope_cli.errors import ModelError, RecipeError
 from longrope_cli.models import pick_device
+from longrope_cli.search.evaluator import distributed_env
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +84,7 @@ class ParallelEnv:
 
 def setup_parallel(parallel: Any, device: str = "auto") -> ParallelEnv:
     """Join the torchrun process group (if any) and pick this rank's device; refuse what cannot run here."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, world, local_rank = distributed_env()  # torchrun's variables, or srun's mapped onto them
     cp = parallel.context_parallel
     if cp < 1:
         raise RecipeError(f"parallel.context_parallel must be >= 1, got {cp}")
@@ -98,8 +98,6 @@ def setup_parallel(parallel: Any, device: str = "auto") -> ParallelEnv:
             f"--nproc-per-node a multiple of {cp}")
     if world == 1 and not dist.is_initialized():
         return ParallelEnv(device=pick_device(device))
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     use_cuda = torch.cuda.is_available() and (device == "auto" or device.startswith("cuda"))
     if use_cuda:
         torch.cuda.set_device(local_rank)
