@@ -94,3 +94,20 @@ def default_out(stage: str, target: int | None = None) -> str:
     from longrope_cli.lengths import format_length
 
     return str(Path("runs") / (f"{stage}-{format_length(target)}" if target else stage))
+
+
+def open_stage_dir(recipe: Any, stage: str, target: int | None = None) -> Path:
+    """Resolve the stage's output folder (default runs/<stage>[-<target>]); rank 0 writes the resolved recipe and
+    env.json into it and logs there, other ranks (torchrun / srun) only log to the console."""
+    from longrope_cli.outputs import prepare_run_dir
+    from longrope_cli.recipe import recipe_to_dict
+    from longrope_cli.search.evaluator import is_main_process
+
+    recipe.output.dir = recipe.output.dir or default_out(stage, target)
+    out_dir = Path(recipe.output.dir)
+    if is_main_process():
+        prepare_run_dir(out_dir, stage, recipe_to_dict(recipe))
+        setup_logging(out_dir)
+    else:
+        setup_logging()
+    return out_dir

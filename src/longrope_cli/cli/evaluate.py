@@ -6,9 +6,8 @@ import click
 
 from longrope_cli.cli.common import (
     build_stage_recipe,
-    default_out,
+    open_stage_dir,
     recipe_arguments,
-    setup_logging,
     user_errors,
 )
 
@@ -48,11 +47,8 @@ def evaluate(args: tuple[str, ...], model: str | None, out: str | None, device: 
     """Perplexity at several lengths and passkey retrieval for each method; a table, results.json and plots.
 
     Takes an optional RECIPE.yaml (its `eval:` section), then key=value overrides, then flags."""
-    from pathlib import Path
 
     from longrope_cli.evaluate.runner import run_eval
-    from longrope_cli.outputs import prepare_run_dir
-    from longrope_cli.recipe import recipe_to_dict
     from longrope_cli.report import PLOTS, print_report
 
     flags = {
@@ -61,9 +57,7 @@ def evaluate(args: tuple[str, ...], model: str | None, out: str | None, device: 
         "eval.passkey_lengths": passkey_lengths, "eval.passkey_trials": passkey_trials,
     }
     recipe = build_stage_recipe(args, flags)
-    out_dir = Path(recipe.output.dir or default_out("eval"))
-    prepare_run_dir(out_dir, "eval", recipe_to_dict(recipe))
-    setup_logging(out_dir)
+    out_dir = open_stage_dir(recipe, "eval")
     results_path = run_eval(recipe, out_dir, resume=recipe.output.resume, progress=progress)
 
     import json

@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import click
 
 from longrope_cli.cli.common import (
     build_stage_recipe,
-    default_out,
+    open_stage_dir,
     recipe_arguments,
-    setup_logging,
     user_errors,
 )
 
@@ -37,22 +34,14 @@ def readjust(args: tuple[str, ...], model: str | None, out: str | None, device: 
 
     Writes OUT/factors.json with short_factor and long_factor (export it with `longrope export`),
     beside OUT/candidates.jsonl and OUT/state.json (checkpoint for --resume)."""
-    from longrope_cli.outputs import prepare_run_dir
     from longrope_cli.readjust import run_readjust
-    from longrope_cli.recipe import recipe_to_dict
     from longrope_cli.search.evaluator import is_main_process
 
     recipe = build_stage_recipe(args, {
         "model.name": model, "model.device": device, "output.dir": out, "readjust.factors": factors,
         "readjust.lengths": lengths, "readjust.max_evals": max_evals, "output.resume": resume,
     })
-    recipe.output.dir = recipe.output.dir or default_out("readjust")
-    out_dir = Path(recipe.output.dir)
-    if is_main_process():
-        prepare_run_dir(out_dir, "readjust", recipe_to_dict(recipe))
-        setup_logging(out_dir)
-    else:
-        setup_logging()
+    out_dir = open_stage_dir(recipe, "readjust")
     result = run_readjust(recipe, out_dir, resume=recipe.output.resume, progress=not no_progress and is_main_process())
     if is_main_process():
         click.echo(f"short-length perplexity {result.best_perplexity:.4f} after {result.evaluations} evaluations; "

@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import click
 
 from longrope_cli.cli.common import (
     build_stage_recipe,
-    default_out,
+    open_stage_dir,
     recipe_arguments,
-    setup_logging,
     user_errors,
 )
 
@@ -40,8 +37,6 @@ def search(args: tuple[str, ...], model: str | None, out: str | None, device: st
     Writes OUT/factors.json (best so far after every generation; per-pair list under long_factor),
     OUT/candidates.jsonl (every scored candidate) and OUT/state.json (checkpoint for --resume).
     Every recipe key of the search: section is listed by `longrope recipe fields`."""
-    from longrope_cli.outputs import prepare_run_dir
-    from longrope_cli.recipe import recipe_to_dict
     from longrope_cli.search.evaluator import is_main_process
     from longrope_cli.search.runner import run_search
 
@@ -49,13 +44,7 @@ def search(args: tuple[str, ...], model: str | None, out: str | None, device: st
         "model.name": model, "model.device": device, "output.dir": out, "search.target": target,
         "search.max_evals": max_evals, "output.resume": resume,
     })
-    recipe.output.dir = recipe.output.dir or default_out("search", recipe.search.target)
-    out_dir = Path(recipe.output.dir)
-    if is_main_process():  # under torchrun / srun only rank 0 writes
-        prepare_run_dir(out_dir, "search", recipe_to_dict(recipe))
-        setup_logging(out_dir)
-    else:
-        setup_logging()
+    out_dir = open_stage_dir(recipe, "search", recipe.search.target)
     result = run_search(recipe, out_dir, resume=recipe.output.resume, progress=not no_progress and is_main_process())
     if is_main_process():
         click.echo(f"best perplexity {result.best_perplexity:.4f} after {result.evaluations} evaluations "
