@@ -7,8 +7,9 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
-from longrope_cli.data import load_corpus, make_windows, tokenize_documents
+from longrope_cli.data import load_corpus, make_windows, split_windows, tokenize_documents
 from longrope_cli.errors import DataError
 
 
@@ -71,3 +72,14 @@ def test_bundled_corpus_has_long_held_out_books():
     corpus = load_corpus("testbed")
     assert corpus.split("eval") and corpus.split("search") and corpus.split("train")
     assert all(len(d.text) > 100_000 for d in corpus.split("eval") + corpus.split("search"))
+
+
+def test_split_windows_cover_the_same_text_at_every_length():
+    bos = 7
+    spans = make_windows([np.arange(100, 400)], 129, 2, bos)  # two spans of BOS + 128 tokens
+    for length in (129, 65, 33, 17):
+        windows = split_windows(spans, length, bos)
+        assert windows.shape[1] == length and (windows[:, 0] == bos).all()
+        assert torch.equal(windows[:, 1:].reshape(-1), spans[:, 1:].reshape(-1))  # same tokens, same order
+    with pytest.raises(DataError):
+        split_windows(spans, 200, bos)

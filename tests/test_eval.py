@@ -167,6 +167,16 @@ def test_sliding_mode_in_run_eval(lm, tiny_model_dir, tiny_corpus, tmp_path):
     assert cell["tokens"] == 2 * 95 and results["provenance"]["data"]["windows"]["32"]["stride"] == 16
 
 
+def test_same_text_mode_scores_the_same_tokens_at_every_length(lm, tiny_model_dir, tiny_corpus, tmp_path):
+    recipe = make_recipe(tiny_model_dir, tiny_corpus, mode="same-text", lengths=[33, 65, 129], documents=2,
+                         methods=["none"])
+    results = json.loads(runner.run_eval(recipe, tmp_path, lm=lm, progress=False).read_text())
+    cells = {c["length"]: c for c in results["perplexity"]}
+    assert {n: c["windows"] for n, c in cells.items()} == {33: 8, 65: 4, 129: 2}
+    assert {c["tokens"] for c in cells.values()} == {2 * 128}  # every text token predicted once at each length
+    assert results["provenance"]["data"]["mode"] == "same-text"
+
+
 def test_factor_file_labels_and_short_factor_switch(lm, tmp_path):
     pairs = lm.layout.pairs
     (tmp_path / "a" / "run-2k").mkdir(parents=True)

@@ -34,7 +34,25 @@ def recipe_for(model_dir, corpus, factors, *overrides):
                               *SMALL, *overrides])
 
 
-def test_readjust_writes_short_and_long_factors(lm, tiny_model_dir, tiny_corpus, long_factors, tmp_path):
+def long_factors_score(monkeypatch, value):
+    """Fix the score of the long factors used at short lengths (a random model makes either side win)."""
+    from types import SimpleNamespace
+
+    from longrope_cli import readjust as readjust_module
+
+    real = readjust_module.score_perplexity
+
+    def scored(model, windows, **kw):
+        if installed_factors(model).short_factor is None:
+            return SimpleNamespace(perplexity=value)
+        return real(model, windows, **kw)
+
+    monkeypatch.setattr(readjust_module, "score_perplexity", scored)
+
+
+def test_readjust_writes_short_and_long_factors(lm, tiny_model_dir, tiny_corpus, long_factors, tmp_path,
+                                                monkeypatch):
+    long_factors_score(monkeypatch, 1e9)
     long_set = load_factors(long_factors)
     out = tmp_path / "out"
     result = run_readjust(recipe_for(tiny_model_dir, tiny_corpus, long_factors, "readjust.lengths=32,64",
@@ -72,3 +90,13 @@ def test_default_lengths_follow_a_small_window_and_resume_is_a_no_op(lm, tiny_mo
     assert first.best.provenance["lengths"] == [32, 64]  # 4k, 8k do not fit a 64-token window
     again = run_readjust(recipe, tmp_path, lm=lm, resume=True, progress=False)
     assert again.best.short_factor == first.best.short_factor and again.evaluations == first.evaluations
+
+
+def test_readjust_never_returns_worse_than_the_long_factors(lm, tiny_model_dir, tiny_corpus, long_factors, tmp_path,
+                                                            monkeypatch):
+    long_factors_score(monkeypatch, 1.5)  # the long factors beat every short set under the ceiling
+    result = run_readjust(recipe_for(tiny_model_dir, tiny_corpus, long_factors, "readjust.lengths=32,64"),
+                          tmp_path / "out", lm=lm, progress=False)
+    final = load_factors(tmp_path / "out" / "factors.json", lm.layout)
+    assert final.short_factor == final.long_factor == load_factors(long_factors).long_factor
+    assert result.best_perplexity == 1.5 and final.provenance["short_factor_is_long_factor"] is True

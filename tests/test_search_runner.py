@@ -175,6 +175,23 @@ def test_progressive_search_is_relative_to_the_base_factors(lm, tiny_model_dir, 
                    lm=lm, progress=False)
 
 
+def test_attention_base_keeps_the_fine_tuned_temperature(lm, tiny_model_dir, tiny_corpus, tmp_path):
+    from dataclasses import replace
+
+    base = replace(pi_factors(lm.layout, TARGET), attention=1.07)
+    base_path = base.save(tmp_path / "base.json", lm.layout)
+    result = run_search(recipe_for(tiny_model_dir, tiny_corpus, f"search.base_factors={base_path}",
+                                   "search.attention=base", "search.iterations=1", target=2 * TARGET),
+                        tmp_path / "out", lm=lm, progress=False)
+    assert result.best.attention == 1.07 and installed_factors(lm.model) is None
+    su = run_search(recipe_for(tiny_model_dir, tiny_corpus, f"search.base_factors={base_path}",
+                               "search.iterations=1", target=2 * TARGET), tmp_path / "su", lm=lm, progress=False)
+    assert su.best.attention == pytest.approx(math.sqrt(1 + math.log(8) / math.log(lm.layout.original_length)))
+    with pytest.raises(RecipeError, match="search.attention=base"):
+        run_search(recipe_for(tiny_model_dir, tiny_corpus, "search.attention=base"), tmp_path / "bad",
+                   lm=lm, progress=False)
+
+
 def test_refuses_to_clobber_or_resume_a_different_search(lm, tiny_model_dir, tiny_corpus, tmp_path):
     run_search(recipe_for(tiny_model_dir, tiny_corpus, "search.iterations=1"), tmp_path, lm=lm, progress=False)
     with pytest.raises(RecipeError, match="--resume"):

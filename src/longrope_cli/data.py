@@ -254,6 +254,21 @@ def make_windows(token_docs: list[np.ndarray], length: int, count: int, bos_id: 
     return torch.tensor(np.stack(windows).astype(np.int64))
 
 
+def split_windows(spans: torch.Tensor, length: int, bos_id: int | None) -> torch.Tensor:
+    """Cut each BOS-first span into consecutive BOS-first windows of `length` tokens, so that every length
+    scores (nearly) the same text and a change in perplexity comes from the context length alone."""
+    skip = 1 if bos_id is not None else 0
+    body = length - skip
+    text = spans[:, skip:]
+    pieces = text.shape[1] // body
+    if pieces < 1:
+        raise DataError(f"a {format_length(length)} window does not fit in spans of {spans.shape[1]} tokens")
+    windows = text[:, :pieces * body].reshape(-1, body)
+    if bos_id is not None:
+        windows = torch.cat([torch.full((windows.shape[0], 1), bos_id, dtype=windows.dtype), windows], dim=1)
+    return windows
+
+
 def load_windows(data_cfg: Any, tokenizer: Any, split: str, length: int, count: int) -> torch.Tensor:
     """Windows for a stage, straight from a `DataConfig` (recipe `data:` section)."""
     corpus = load_corpus(data_cfg.corpus, data_cfg.text_field, data_cfg.search_fraction, data_cfg.eval_fraction)

@@ -10,7 +10,9 @@ same engine as `longrope search` does it (no second implementation):
 - grid: `search.factor_min` (1.0) to `readjust.factor_max`, step `search.factor_step`, non-decreasing;
 - seeds: no interpolation (all 1.0), NTK and PI up to the ceiling, the long factors clipped to it, and the
   file's previous short factors if it has some;
-- fitness: mean perplexity over `readjust.lengths` (each <= the original window) of search-split windows.
+- fitness: mean perplexity over `readjust.lengths` (each <= the original window) of search-split windows;
+- never worse than not readjusting: if the long factors score better at the short lengths than every short set
+  under the ceiling, they become the short factors (with a warning).
 
 Output: `DIR/factors.json` with both `long_factor` and `short_factor`, ready for `longrope export`.
 """
@@ -166,11 +168,19 @@ def run_readjust(recipe: Recipe, out_dir: Path, *, resume: bool = False, lm: Loa
         best = with_info(outcome.best, outcome.best_score, state, status="complete", stopped=state.stopped,
                          perplexity_by_length=short_ppl, long_factors_perplexity_by_length=long_only,
                          readjust=recipe_to_dict(cfg))
+        long_mean = sum(long_only.values()) / len(long_only)
+        if long_mean < outcome.best_score.value:
+            # Never hand back something worse than not readjusting: the long factors lie above the ceiling.
+            log.warning("readjust: no short factors up to %s beat the long factors at %s (%.4f vs %.4f); keeping "
+                        "the long factors as short_factor (raise readjust.factor_max to search higher)",
+                        cfg.factor_max, ", ".join(map(format_length, lengths)), outcome.best_score.value, long_mean)
+            best = replace(best, short_factor=best.long_factor).with_provenance(
+                perplexity=long_mean, perplexity_by_length=long_only, short_factor_is_long_factor=True)
         best.save(factors_path, layout)
-        mark_complete(out_dir, "readjust", factors_path, perplexity=outcome.best_score.value,
+        mark_complete(out_dir, "readjust", factors_path, perplexity=best.provenance["perplexity"],
                       evaluations=state.evaluations, stopped=state.stopped, seconds=round(state.elapsed, 2))
         log.info("readjust: short-length perplexity %s (long factors alone: %s)", short_ppl, long_only)
-        return SearchResult(best=best, best_perplexity=outcome.best_score.value, evaluations=state.evaluations,
+        return SearchResult(best=best, best_perplexity=best.provenance["perplexity"], evaluations=state.evaluations,
                             factors_path=factors_path, history=state.history, stopped=state.stopped,
                             seconds=state.elapsed, counters=dict(state.counters))
 

@@ -70,7 +70,7 @@ class SearchConfig:
     start_tokens: int | None = _field(None, "fix n-hat (0 = loads in plain transformers); null = search it")
     start_token_choices: list[int] = _field(list(PAPER_START_TOKENS), "n-hat values the search may pick")
     documents: int = _field(5, "search-split documents scored per candidate (paper: 5; 3 above 512k)")
-    attention: str = _field("su", "attention scale: su, yarn, none, or a number")
+    attention: str = _field("su", "attention scale: su, yarn, none, a number, or base (keep base_factors' value)")
     base_factors: str | None = _field(None, "progressive search: factor file of the fine-tuned model; the search "
                                             "is relative to it (absolute = relative x base)")
     seed_factors: list[str] = _field([], "extra factor files added to the initial population")
@@ -126,7 +126,9 @@ class EvalConfig:
     methods: list[str] = _field(["none", "pi", "ntk", "dynamic-ntk", "yarn"],
                                 "baselines (none, pi, ntk, dynamic-ntk, yarn) and factor files")
     documents: int = _field(5, "eval-split documents per length")
-    mode: Literal["truncate", "sliding"] = _field("truncate", "one window per document, or a sliding window")
+    mode: Literal["truncate", "same-text", "sliding"] = _field(
+        "truncate", "truncate: one window per document (the paper); same-text: windows of the longest length cut "
+                    "into shorter ones, so every length scores the same tokens; sliding: a sliding window")
     stride: int | None = _field(None, "sliding-window stride (default: half the length; at most length - 1)",
                                 "length")
     sliding_tokens: int | None = _field(None, "sliding mode: tokens of each document the window slides over "

@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from longrope_cli.data import load_corpus, make_windows, tokenize_documents
+from longrope_cli.data import load_corpus, make_windows, split_windows, tokenize_documents
 from longrope_cli.errors import LongRopeError, RecipeError
 from longrope_cli.evaluate.perplexity import score_perplexity
 from longrope_cli.lengths import format_length
@@ -259,6 +259,10 @@ def _windows_for(recipe: Recipe, token_docs: list, bos: int | None, length: int)
     if cfg.mode == "truncate":
         windows = make_windows(token_docs, length, cfg.documents, bos, recipe.data.windows_per_doc, "eval")
         return windows, length, length
+    if cfg.mode == "same-text":
+        longest = max(cfg.lengths)
+        spans = make_windows(token_docs, longest, cfg.documents, bos, recipe.data.windows_per_doc, "eval")
+        return split_windows(spans, length, bos), length, longest
     stride = max(1, min(cfg.stride or length // 2, length - 1))
     span = max(cfg.sliding_tokens or 4 * length, length)
     spans = make_windows(token_docs, span, cfg.documents, bos, recipe.data.windows_per_doc, "eval")

@@ -117,7 +117,14 @@ def search_problem(recipe: Recipe, layout: RopeLayout, target: int, windows_id: 
     if factor_max < cfg.factor_min:
         raise RecipeError(f"search.factor_max_ratio x s = {factor_max:g} is below search.factor_min={cfg.factor_min}")
     space = SearchSpace(layout.pairs, cfg.factor_min, factor_max, cfg.factor_step, choices)
-    attention = attention_factor(cfg.attention, scale, layout.original_length)
+    if cfg.attention == "base":
+        # The fine-tuned model learnt this temperature; transformers also applies it to short inputs.
+        if base is None:
+            raise RecipeError("search.attention=base keeps search.base_factors' attention factor; set "
+                              "search.base_factors or use su, yarn, none or a number")
+        attention = base.attention
+    else:
+        attention = attention_factor(cfg.attention, scale, layout.original_length)
 
     def to_factors(candidate: Candidate) -> FactorSet:
         values = space.values(candidate)
