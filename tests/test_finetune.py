@@ -22,7 +22,7 @@ from longrope_cli.outputs import is_complete
 from longrope_cli.recipe import build_recipe
 from longrope_cli.rope.baselines import yarn_factors
 from longrope_cli.rope.factors import FactorSet, load_factors
-from longrope_cli.rope.rotary import install_factors
+from longrope_cli.rope.rotary import install_factors, installed_factors
 from longrope_cli.training.checkpoint import find_checkpoint, read_trainer_state
 from longrope_cli.training.data import WindowIndex, WindowOrder
 
@@ -189,6 +189,33 @@ def test_bad_settings_are_one_line_errors(tiny_model_dir, tiny_corpus, factor_fi
     recipe = make_recipe(tiny_model_dir, tiny_corpus, factor_file, tmp_path / "c", **changes)
     with pytest.raises(RecipeError, match=message):
         ft.run_finetune(recipe, tmp_path / "run", progress=False)
+
+
+def test_short_windows_train_with_the_short_factors_and_the_long_attention(tiny_model_dir, tiny_corpus, factor_file,
+                                                                         tmp_path, monkeypatch):
+    seen = []
+    real = ft.Finetune._micro_step
+
+    def spy(self, ids, scale, sync):
+        factors = installed_factors(self.lm.model)
+        seen.append((ids.shape, scale, factors.short_factor, factors.attention))
+        return real(self, ids, scale, sync)
+
+    monkeypatch.setattr(ft.Finetune, "_micro_step", spy)
+    recipe = make_recipe(tiny_model_dir, tiny_corpus, factor_file, tmp_path / "c", short_batch_size=3, steps=2)
+    out = tmp_path / "run"
+    ft.run_finetune(recipe, out, progress=False)
+    long_set = load_factors(factor_file)
+    original = load_model(str(tiny_model_dir)).layout.original_length
+    # per step: two long micro-batches of 2 x 128, then one of 3 short windows; every sequence weighs 1/7
+    assert [shape for shape, *_ in seen] == [(2, TARGET), (2, TARGET), (3, original)] * 2
+    assert [scale for _, scale, *_ in seen] == pytest.approx([2 / 7, 2 / 7, 3 / 7] * 2)
+    assert all(short == (1.0,) * long_set.pairs and att == long_set.attention for _, _, short, att in seen)
+    saved = load_factors(out / "factors.json")  # the file handed on is the one given, not the training variant
+    assert saved.short_factor is None and saved.long_factor == long_set.long_factor
+    with pytest.raises(RecipeError, match="not beyond the original window"):
+        ft.run_finetune(make_recipe(tiny_model_dir, tiny_corpus, factor_file, tmp_path / "c", short_batch_size=2,
+                                    target=original), tmp_path / "bad", progress=False)
 
 
 def test_context_parallel_is_refused_on_cpu(recipe, tmp_path):

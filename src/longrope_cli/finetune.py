@@ -27,6 +27,7 @@ import signal
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -180,17 +181,31 @@ class Finetune:
                               f"(load-balanced ring attention)")
         self.export_target = max(self.factors.target_length or self.target, self.target)
         self.save_dtype = ckpt.source_dtype(lm.path, lm.model)
-        install_factors(lm.model, self.factors, lm.layout)
+        self.short_windows: WindowIndex | None = None
+        trained = self.factors
+        if cfg.short_batch_size:
+            self._check_short_batch()
+            # Inputs within the original window run on the short factors (as in transformers' longrope), but
+            # with the one attention factor it applies at every length: train them that way.
+            short = self.factors.short_factor or (1.0,) * lm.layout.pairs
+            trained = replace(self.factors, short_factor=tuple(short))
+        install_factors(lm.model, trained, lm.layout)
 
         data = recipe.data
         corpus = load_corpus(data.corpus, data.text_field, data.search_fraction, data.eval_fraction)
         docs = tokenize_documents(corpus.split("train"), lm.tokenizer, data.cache_dir)
-        self.windows = WindowIndex(docs, self.target, lm.tokenizer.bos_token_id, data.windows_per_doc,
-                                   limit=cfg.steps * cfg.batch_size)
+        bos = lm.tokenizer.bos_token_id
+        self.windows = WindowIndex(docs, self.target, bos, data.windows_per_doc, limit=cfg.steps * cfg.batch_size)
         self.order = WindowOrder(len(self.windows), cfg.batch_size, cfg.seed)
+        if cfg.short_batch_size:
+            self.short_windows = WindowIndex(docs, lm.layout.original_length, bos, data.windows_per_doc,
+                                             limit=cfg.steps * cfg.short_batch_size)
+            self.short_order = WindowOrder(len(self.short_windows), cfg.short_batch_size, cfg.seed + 1)
         passes = cfg.steps * cfg.batch_size / len(self.windows)
-        log.info("fine-tuning %s at %s: %d steps x %d sequences over %d windows (%.1f passes)", lm.name,
-                 format_length(self.target), cfg.steps, cfg.batch_size, len(self.windows), passes)
+        log.info("fine-tuning %s at %s: %d steps x %d sequences over %d windows (%.1f passes)%s", lm.name,
+                 format_length(self.target), cfg.steps, cfg.batch_size, len(self.windows), passes,
+                 f", + {cfg.short_batch_size} of {format_length(lm.layout.original_length)} with the short factors"
+                 if cfg.short_batch_size else "")
 
         model = lm.model
         model.train()
@@ -206,11 +221,24 @@ class Finetune:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_factor(s, cfg.steps, cfg.warmup_steps, cfg.schedule))
 
+    def _check_short_batch(self) -> None:
+        cfg, env = self.cfg, self.env
+        if cfg.short_batch_size < 0 or cfg.short_batch_size % env.dp_world:
+            raise RecipeError(f"finetune.short_batch_size={cfg.short_batch_size} must be a multiple of the "
+                              f"{env.dp_world} data-parallel ranks")
+        if env.context_parallel > 1:
+            raise RecipeError("finetune.short_batch_size needs parallel.context_parallel=1 (short windows are not "
+                              "sharded); set it to 0")
+        if self.target <= self.lm.layout.original_length:
+            raise RecipeError(f"finetune.short_batch_size: the target {format_length(self.target)} is not beyond the "
+                              f"original window {format_length(self.lm.layout.original_length)}; set it to 0")
+
     def settings(self) -> dict[str, Any]:
         """What a checkpoint must agree on to be resumed (a different batch would silently change the run)."""
         cfg = self.cfg
         return {"target": self.target, "batch_size": cfg.batch_size, "seed": cfg.seed,
-                "factors": _digest(self.factors), "model": self.recipe.model.name}
+                "factors": _digest(self.factors), "model": self.recipe.model.name,
+                "short_batch_size": cfg.short_batch_size}
 
     def restore(self, resume: bool) -> int:
         found = ckpt.find_checkpoint(self.out)
@@ -246,14 +274,22 @@ class Finetune:
         return float(loss.detach())
 
     def step(self, step: int) -> tuple[float, float]:
-        """One optimizer step over the global batch; returns (mean loss over ranks, gradient norm)."""
+        """One optimizer step over the global batch; returns (mean loss over ranks, gradient norm).
+
+        Short windows (finetune.short_batch_size) form one more micro-batch per rank; every sequence, long or
+        short, weighs the same in the step's loss."""
         cfg = self.cfg
         mine = self.order.shard(step, self.env.dp_rank, self.env.dp_world)
-        groups = [mine[i:i + cfg.micro_batch_size] for i in range(0, len(mine), cfg.micro_batch_size)]
+        batches = [self.windows.batch(mine[i:i + cfg.micro_batch_size])
+                   for i in range(0, len(mine), cfg.micro_batch_size)]
+        if self.short_windows is not None:
+            batches.append(self.short_windows.batch(self.short_order.shard(step, self.env.dp_rank,
+                                                                           self.env.dp_world)))
+        sequences = sum(ids.shape[0] for ids in batches)
         loss = 0.0
-        for k, group in enumerate(groups):
-            ids = self.windows.batch(group).to(self.env.device)
-            loss += self._micro_step(ids, 1.0 / len(groups), sync=k == len(groups) - 1) / len(groups)
+        for k, ids in enumerate(batches):
+            weight = ids.shape[0] / sequences
+            loss += weight * self._micro_step(ids.to(self.env.device), weight, sync=k == len(batches) - 1)
         norm = math.nan
         if cfg.grad_clip > 0:
             total = torch.nn.utils.clip_grad_norm_(self.module.parameters(), cfg.grad_clip)
@@ -283,7 +319,7 @@ class Finetune:
 
         cfg, env = self.cfg, self.env
         metrics = self._metrics_file(start)
-        tokens = cfg.batch_size * self.target
+        tokens = cfg.batch_size * self.target + cfg.short_batch_size * self.lm.layout.original_length
         bar = tqdm(total=cfg.steps, initial=start, desc=f"finetune {format_length(self.target)}", unit="step",
                    disable=not (self.progress and env.is_main))
         began = time.perf_counter()

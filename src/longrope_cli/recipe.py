@@ -94,6 +94,9 @@ class FinetuneConfig:
     warmup_steps: int = _field(20, "linear warm-up steps")
     batch_size: int = _field(32, "global batch size in sequences")
     micro_batch_size: int = _field(1, "sequences per forward on one device (the rest is accumulation)")
+    short_batch_size: int = _field(0, "extra windows of the original length per step, trained with the short "
+                                      "factors (1.0 unless the file has some) and the same attention factor, "
+                                      "so short inputs keep their quality; 0 = the paper (long windows only)")
     weight_decay: float = _field(0.0, "AdamW weight decay")
     grad_clip: float = _field(1.0, "max gradient norm; 0 disables")
     precision: Literal["auto", "fp32", "bf16"] = _field("auto", "auto = bf16 on GPU, fp32 on CPU")
