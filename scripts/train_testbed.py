@@ -88,6 +88,10 @@ teach retrieval within the CPU budget, while it weakened exactly what the test b
 - Repeated random-token segments of varying length (16 x 64 tokens) take over 600 steps to get from
   7.7 to 5.1 nats, with no sharp phase change; fixed-length repeats are learnt in ~100 steps but by a
   positional shortcut that cannot find a key at a varying depth.
+- Continuing the committed model instead (no budget left for it, an upper bound): 300 steps of 8 books +
+  8 passkey prompts (lr 1e-3, copy loss 0.3) bring the loss on the digits that must be copied from 2.19
+  to 0.70 nats, then 400 steps of passkey prompts alone (copy loss 1.0) to 0.45 nats: 0-6% exact keys at
+  256 (18 trials every 50 steps). 700 steps are 8 more CPU minutes and still far from the 90% bar.
 
 Retrieval needs a content-based copy circuit spanning two layers; in these runs it does not form in
 the 4M training tokens that 15 CPU minutes allow. A run of ~10-20k steps (GPU) with the
