@@ -56,6 +56,18 @@ def test_jsonl_npy_and_hash_split(tmp_path):
     assert len(docs) == 5 and docs[0].tokens.tolist() == list(range(10))
 
 
+def test_token_files_are_memory_mapped_and_windows_are_int64(tmp_path, tiny_tokenizer):
+    folder = tmp_path / "bins"
+    for split in ("train", "eval"):
+        (folder / split).mkdir(parents=True)
+        np.arange(1000, 1300, dtype=np.uint16).tofile(folder / split / "tokens.bin")
+    (doc,) = load_corpus(str(folder)).split("eval")
+    assert isinstance(doc.tokens, np.memmap) and doc.tokens.dtype == np.uint16  # not copied into memory
+    windows = make_windows(tokenize_documents([doc], tiny_tokenizer), 100, 3, bos_id=7)
+    assert windows.dtype == torch.int64 and windows[0, :3].tolist() == [7, 1000, 1001]
+    assert windows[2, -1].item() == 1000 + 3 * 99 - 1
+
+
 def test_errors(tmp_path):
     with pytest.raises(DataError, match="not found"):
         load_corpus(str(tmp_path / "missing"))

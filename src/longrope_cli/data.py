@@ -98,13 +98,15 @@ def _read_file(path: Path, text_field: str, id_prefix: str) -> Iterator[Document
                                 "set data.text_field")
             for i, text in enumerate(table.column(text_field).to_pylist()):
                 yield Document(id=f"{id_prefix}:{i}", text=str(text))
+        # Token arrays stay memory-mapped in their file dtype: the ranks of a node share one copy through the
+        # page cache, and windows become int64 only when they are cut.
         elif suffix == ".npy":
-            array = np.load(path, allow_pickle=False)
+            array = np.load(path, mmap_mode="r", allow_pickle=False)
             rows = [array] if array.ndim == 1 else list(array)
             for i, row in enumerate(rows):
-                yield Document(id=f"{id_prefix}:{i}", tokens=np.asarray(row, dtype=np.int64))
+                yield Document(id=f"{id_prefix}:{i}", tokens=row)
         elif suffix == ".bin":
-            yield Document(id=id_prefix, tokens=np.fromfile(path, dtype=np.uint16).astype(np.int64))
+            yield Document(id=id_prefix, tokens=np.memmap(path, dtype=np.uint16, mode="r"))
         else:
             raise DataError(f"{path}: unsupported corpus file type; use .txt, .jsonl, .parquet, .npy or .bin")
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, ValueError) as err:
@@ -200,7 +202,7 @@ def tokenize_documents(docs: list[Document], tokenizer: Any, cache_dir: str | Pa
         file = cache / fingerprint / f"{key}.npy"
         if file.is_file():
             try:
-                out.append(np.load(file))
+                out.append(np.load(file, mmap_mode="r"))
                 continue
             except (OSError, ValueError):
                 pass  # a torn cache entry is simply rebuilt
