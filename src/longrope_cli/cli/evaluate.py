@@ -16,6 +16,7 @@ Examples:
   $ longrope eval --model testbed --lengths 256,512,1k,2k,4k --methods none,pi,ntk,yarn,runs/search-2k/factors.json
   $ longrope eval --model testbed --lengths 256,1k,4k --passkey-lengths 256,1k --passkey-trials 10 --out runs/eval
   $ longrope eval --model testbed --lengths 1k,2k eval.mode=sliding eval.stride=256 --out runs/eval-sliding
+  $ longrope eval --model testbed --lengths 256,2k,4k --documents 8 eval.mode=same-text   # same tokens at every length
   $ longrope eval recipes/tiny.yaml --out runs/eval --resume      # continue a crashed run
   $ longrope eval --model ./llama2-7b --lengths 4k,8k,16k,32k --methods none,yarn,final/factors.json --device cuda
 
