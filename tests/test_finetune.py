@@ -108,16 +108,22 @@ def test_model_dir_loads_in_plain_transformers_and_carries_the_factors(reference
         assert not torch.allclose(original.model(ids).logits, tuned, atol=1e-3)  # the weights did change
 
 
-def test_resume_from_periodic_checkpoint_gives_the_same_weights(recipe, reference, tmp_path, monkeypatch):
-    out = tmp_path / "run"
+def crash_before_step(monkeypatch, crash_step: int):
+    """Make fine-tuning die ("node died") when it reaches 0-based step `crash_step`; returns the real step."""
     real_step = ft.Finetune.step
 
-    def crash_at_4(self, step):
-        if step == 3:
+    def crashing(self, step):
+        if step == crash_step:
             raise RuntimeError("node died")
         return real_step(self, step)
 
-    monkeypatch.setattr(ft.Finetune, "step", crash_at_4)
+    monkeypatch.setattr(ft.Finetune, "step", crashing)
+    return real_step
+
+
+def test_resume_from_periodic_checkpoint_gives_the_same_weights(recipe, reference, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    real_step = crash_before_step(monkeypatch, 3)
     with pytest.raises(RuntimeError, match="node died"):
         ft.run_finetune(recipe, out, progress=False)
     assert read_trainer_state(find_checkpoint(out))["step"] == 2 and not is_complete(out)
@@ -152,14 +158,7 @@ def test_sigterm_saves_a_checkpoint_then_resume_finishes(recipe, reference, tmp_
 def test_resume_refuses_a_checkpoint_of_other_settings(recipe, tiny_model_dir, tiny_corpus, factor_file,
                                                        tmp_path, monkeypatch):
     out = tmp_path / "run"
-    real_step = ft.Finetune.step
-
-    def crash_at_3(self, step):
-        if step == 2:
-            raise RuntimeError("node died")
-        return real_step(self, step)
-
-    monkeypatch.setattr(ft.Finetune, "step", crash_at_3)
+    crash_before_step(monkeypatch, 2)
     with pytest.raises(RuntimeError, match="node died"):
         ft.run_finetune(recipe, out, progress=False)
     other = make_recipe(tiny_model_dir, tiny_corpus, factor_file, tmp_path / "cache", batch_size=2,
