@@ -166,6 +166,27 @@ def test_baselines_shapes_and_order():
     assert yarn[0] == pytest.approx(1.0) and yarn[-1] == pytest.approx(8.0)
 
 
+def test_progressive_yarn_reads_the_fine_tuned_wavelengths():
+    """YaRN for a fine-tuned model ramps on theta_i / b_i: a pair the base slowed to under one turn in the
+    fine-tuning window is interpolated by the full s', whatever its raw wavelength."""
+    layout = layout_from_config(tiny_llama().config)
+    window = ORIGINAL * 4
+    ones = (1.0,) * layout.pairs
+    plain = baselines.yarn_relative_factors(layout, ones, window, window * 8)
+    turns = [window * theta / (2 * math.pi) for theta in layout.inv_freq().tolist()]
+    for factor, t in zip(plain, turns, strict=True):  # without a base it is YaRN over `window`
+        if t >= 32:
+            assert factor == pytest.approx(1.0)
+        elif t <= 1:
+            assert factor == pytest.approx(8.0)
+    assert list(plain) == sorted(plain)
+    fast = next(i for i, t in enumerate(turns) if 2 < t < 32)
+    slowed = tuple(1.0 if i < fast else 64.0 for i in range(layout.pairs))  # every pair from `fast` on: < 1 turn
+    relative = baselines.yarn_relative_factors(layout, slowed, window, window * 8)
+    assert plain[fast] < 8.0 and relative[fast:] == pytest.approx((8.0,) * (layout.pairs - fast))
+    assert relative[:fast] == pytest.approx(plain[:fast])
+
+
 def test_original_rotary_is_temporary():
     from longrope_cli.rope.rotary import original_rotary
 

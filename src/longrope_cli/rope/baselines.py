@@ -75,6 +75,30 @@ def yarn_factors(
     )
 
 
+def yarn_relative_factors(
+    layout: RopeLayout, base_factors: tuple[float, ...], base_length: int, target_length: int,
+    beta_fast: float = 32.0, beta_slow: float = 1.0,
+) -> tuple[float, ...]:
+    """YaRN for a model fine-tuned with `base_factors` at `base_length`, as factors relative to the base.
+
+    That model's own RoPE is theta_i / b_i over a window of base_length, so YaRN's ramp must read the turns
+    each pair makes in that window with its base factor applied. Using theta_i alone (the original model's
+    wavelengths) leaves the pairs the fine-tuning saw for less than one turn barely interpolated: on the
+    test bed's 2k -> 16k search that seed scored 61.5 against 45.9 for this one. The ramp is linear in
+    log(turns) between beta_slow and beta_fast, which is transformers' linear-in-dimension ramp without its
+    rounding to whole dimensions.
+    """
+    s = max(1.0, target_length / base_length)
+    inv_freq = layout.inv_freq().tolist()
+    span = math.log(beta_fast / beta_slow)
+    factors = []
+    for theta, base in zip(inv_freq, base_factors, strict=True):
+        turns = base_length * theta / base / (2 * math.pi)
+        extrapolate = min(max(math.log(max(turns, 1e-12) / beta_slow) / span, 0.0), 1.0)
+        factors.append(1.0 / ((1.0 - extrapolate) / s + extrapolate))
+    return tuple(factors)
+
+
 BASELINES: dict[str, Callable[[RopeLayout, int], FactorSet]] = {
     "none": none_factors,
     "pi": pi_factors,

@@ -7,7 +7,8 @@ Fitness: perplexity of the first `search.documents` search-split windows of the 
 
 Progressive mode (`search.base_factors`, the paper's 2048k search on the 256k fine-tuned model): the
 search runs on factors relative to the fine-tuned model's, absolute = relative x base, with the grid and
-the seeds built for s' = target / base target.
+the seeds built for s' = target / base target. YaRN's ramp there reads the fine-tuned model's own
+wavelengths (theta_i / b_i over the fine-tuning window), not the original model's.
 
 Output folder: factors.json (rewritten after every generation), candidates.jsonl, state.json,
 complete.json (when finished). With `search.backend=distributed` every rank calls `run_search`: rank 0
@@ -33,7 +34,7 @@ from longrope_cli.lengths import format_length
 from longrope_cli.models import LoadedModel, load_model
 from longrope_cli.outputs import mark_complete
 from longrope_cli.recipe import Recipe, recipe_to_dict, require_target
-from longrope_cli.rope.baselines import baseline_factors
+from longrope_cli.rope.baselines import baseline_factors, yarn_relative_factors
 from longrope_cli.rope.factors import FactorSet, attention_factor, load_factors
 from longrope_cli.rope.layout import RopeLayout
 from longrope_cli.search.engine import Engine, EvolutionSettings, Outcome, Problem
@@ -135,7 +136,11 @@ def search_problem(recipe: Recipe, layout: RopeLayout, target: int, windows_id: 
 
     seeds: list[tuple[Candidate, str]] = []
     for name in SEED_METHODS:
-        seeds.append((space.snap(baseline_factors(name, geometry, target).long_factor, 0), name))
+        if base is not None and name == "yarn":
+            values = yarn_relative_factors(layout, base.long_factor, base.target_length, target)
+        else:
+            values = baseline_factors(name, geometry, target).long_factor
+        seeds.append((space.snap(values, 0), name))
     for path in cfg.seed_factors:
         extra = load_factors(path, layout)
         values = extra.long_factor
