@@ -13,6 +13,7 @@ every window was scored (`complete`; racing may stop early), how many windows ra
 
 from __future__ import annotations
 
+import atexit
 import logging
 import math
 import os
@@ -198,7 +199,17 @@ def init_distributed(backend: str = "auto") -> tuple[int, int]:
     if backend == "nccl":
         torch.cuda.set_device(local_rank)  # object collectives on NCCL use the current device
     dist.init_process_group(backend=backend, rank=rank, world_size=world)
+    # Left to interpreter teardown, gloo's threads can be destroyed while joinable ("terminate called without
+    # an active exception", exit -6 after a finished search): close the group while Python is still whole.
+    atexit.register(_destroy_process_group)
     return rank, world
+
+
+def _destroy_process_group() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 class DistributedEvaluator(Evaluator):
