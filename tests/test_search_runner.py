@@ -3,6 +3,7 @@ progressive mode, and a search killed with SIGKILL at a random moment that resum
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -20,7 +21,7 @@ from longrope_cli.errors import RecipeError
 from longrope_cli.models import load_model
 from longrope_cli.outputs import is_complete
 from longrope_cli.recipe import load_recipe
-from longrope_cli.rope.baselines import pi_factors
+from longrope_cli.rope.baselines import pi_factors, yarn_relative_factors
 from longrope_cli.rope.factors import load_factors
 from longrope_cli.rope.rotary import installed_factors
 from longrope_cli.search import evaluator as evaluator_module
@@ -170,6 +171,11 @@ def test_progressive_search_is_relative_to_the_base_factors(lm, tiny_model_dir, 
     relative = result.best.provenance["relative_factor"]
     assert all(1.0 <= r <= 1.25 * 2 + 1e-9 for r in relative)  # s' = 512 / 256
     assert result.best.long_factor == pytest.approx([r * b for r, b in zip(relative, base.long_factor, strict=True)])
+    # the YaRN seed is YaRN of the fine-tuned model's own RoPE (theta_i / b_i over 256), snapped to the grid
+    expected = itertools.accumulate((round(f, 2) for f in yarn_relative_factors(
+        lm.layout, base.long_factor, TARGET, 2 * TARGET)), max)
+    seed = next(r for r in read_log(tmp_path / "out") if r["origin"] == "yarn")
+    assert seed["factors"] == pytest.approx([e * b for e, b in zip(expected, base.long_factor, strict=True)])
     with pytest.raises(RecipeError, match="base target below"):
         run_search(recipe_for(tiny_model_dir, tiny_corpus, f"search.base_factors={base_path}"), tmp_path / "bad",
                    lm=lm, progress=False)
