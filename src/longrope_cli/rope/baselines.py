@@ -46,6 +46,11 @@ def dynamic_ntk_factors(layout: RopeLayout, target_length: int, factor: float | 
     return FactorSet(long_factor=_ntk_lambdas(layout, alpha), target_length=target_length, method="dynamic-ntk")
 
 
+def _yarn_blend(extrapolate: float, s: float) -> float:
+    """lambda for a pair that keeps `extrapolate` of theta_i and takes the rest of theta_i / s (YaRN's blend)."""
+    return 1.0 / ((1.0 - extrapolate) / s + extrapolate)
+
+
 def yarn_factors(
     layout: RopeLayout, target_length: int, beta_fast: float = 32.0, beta_slow: float = 1.0
 ) -> FactorSet:
@@ -65,7 +70,7 @@ def yarn_factors(
     for i in range(layout.pairs):
         ramp = min(max((i - low) / (high - low), 0.0), 1.0)
         extrapolate = 1.0 - ramp  # 1: keep theta_i, 0: divide by s
-        factors.append(1.0 / ((1.0 - extrapolate) / s + extrapolate))
+        factors.append(_yarn_blend(extrapolate, s))
     return FactorSet(
         long_factor=tuple(factors),
         target_length=target_length,
@@ -95,7 +100,7 @@ def yarn_relative_factors(
     for theta, base in zip(inv_freq, base_factors, strict=True):
         turns = base_length * theta / base / (2 * math.pi)
         extrapolate = min(max(math.log(max(turns, 1e-12) / beta_slow) / span, 0.0), 1.0)
-        factors.append(1.0 / ((1.0 - extrapolate) / s + extrapolate))
+        factors.append(_yarn_blend(extrapolate, s))
     return tuple(factors)
 
 
