@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 
 from longrope_cli import __version__
 from longrope_cli.cli.main import COMMANDS, cli
+
+RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 
 
 def run(*args: str):
@@ -59,3 +63,17 @@ def test_module_entry_point():
     out = subprocess.run([sys.executable, "-m", "longrope_cli", "--version"], capture_output=True, text=True,
                          check=True, timeout=60)
     assert __version__ in out.stdout
+
+
+@pytest.mark.parametrize("override, code, stream, text", [
+    ("search.population=8", 0, "stdout", "ok: "),
+    ("nosuch.key=1", 2, "stderr", "error: unknown recipe key"),
+])
+def test_a_rank_under_a_launcher_keeps_its_exit_code_and_output(override, code, stream, text):
+    """Under torchrun (WORLD_SIZE > 1) main() leaves with os._exit after Python's exit handlers, skipping torch's
+    C++ teardown: the exit status and everything printed must survive that."""
+    env = {**os.environ, "WORLD_SIZE": "2", "RANK": "1", "PYTHONFAULTHANDLER": "1"}
+    done = subprocess.run([sys.executable, "-m", "longrope_cli", "recipe", "validate", str(RECIPES / "tiny.yaml"),
+                           override], capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == code, done.stderr
+    assert text in getattr(done, stream)

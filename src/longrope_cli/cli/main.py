@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import atexit
 import importlib
+import logging
+import os
+import sys
 
 import click
 
@@ -66,4 +70,32 @@ def cli() -> None:
 
 
 def main() -> None:
-    cli(prog_name="longrope")
+    if _several_ranks():
+        atexit.register(_end_before_cpp_teardown)  # registered first, so it runs after every other handler
+    try:
+        cli(prog_name="longrope")
+    except SystemExit as stop:
+        _exit_status["code"] = stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
+        raise
+
+
+# Under torchrun / srun, torch's C++ teardown after a finished job now and then aborts a rank (exit -6,
+# "terminate called without an active exception", with no Python frame left): a good job would be marked
+# failed and stop an `afterok` chain. Every output is written and closed by then, so a rank that leaves
+# through SystemExit ends with os._exit once Python's own exit handlers have run. A traceback (code None)
+# takes the normal way out.
+_exit_status: dict[str, int | None] = {"code": None}
+
+
+def _several_ranks() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1") or 1) > 1 or int(os.environ.get("SLURM_NTASKS", "1") or 1) > 1
+
+
+def _end_before_cpp_teardown() -> None:
+    code = _exit_status["code"]
+    if code is None:
+        return
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
