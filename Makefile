@@ -12,7 +12,7 @@ export OMP_WAIT_POLICY := PASSIVE
 export TOKENIZERS_PARALLELISM := false
 export HF_HUB_OFFLINE := 1
 
-.PHONY: install test test-unit test-integration demo lint bench clean help
+.PHONY: install test test-unit test-integration demo lint bench gpu-check clean help
 
 help:
 	@echo "make install           create $(VENV) and install longrope (+ $(TORCH_SPEC))"
@@ -21,6 +21,7 @@ help:
 	@echo "make test-unit         fast unit tests only"
 	@echo "make lint              ruff"
 	@echo "make bench             benchmarks (scripts/bench_*.py)"
+	@echo "make gpu-check         on a CUDA machine: gpu tests, the tiny recipe on the GPU, 7B-shape memory bench"
 	@echo "make recipe-<name>     run recipes/<name>.yaml through its stages"
 
 install: $(VENV)/.installed
@@ -32,8 +33,9 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PY) -m pip install -q -e ".[dev]"
 	touch $@
 
+# -m "": every test; the gpu-marked ones skip themselves without CUDA (tests/conftest.py).
 test: install
-	$(PY) -m pytest -m "not gpu" $(PYTEST_ARGS)
+	$(PY) -m pytest -m "" $(PYTEST_ARGS)
 
 test-unit: install
 	$(PY) -m pytest $(PYTEST_ARGS)
@@ -46,6 +48,9 @@ demo: install
 
 lint: install
 	$(VENV)/bin/ruff check src tests scripts
+
+gpu-check: install
+	scripts/gpu_check.sh
 
 bench: install
 	for script in scripts/bench_*.py; do echo "== $$script"; $(PY) $$script || exit 1; done

@@ -127,7 +127,7 @@ def run_readjust(recipe: Recipe, out_dir: Path, *, resume: bool = False, lm: Loa
     out_dir = Path(out_dir)
     distributed = recipe.search.backend == "distributed"
     if distributed:
-        init_distributed(recipe.parallel.dist_backend)
+        init_distributed(recipe.parallel.dist_backend, recipe.model.device)
     if lm is None:
         lm = load_stage_model(recipe, distributed)
     layout = lm.layout

@@ -167,6 +167,26 @@ def distributed_env() -> tuple[int, int, int]:
             int(os.environ.get("LOCAL_RANK", "0")))
 
 
+def local_gpu(local_rank: int) -> int:
+    """This rank's CUDA device index. torchrun shows every GPU of the node to every rank, so rank k takes GPU k;
+    srun --gpus-per-task shows a task only its own GPU(s), so its local rank is taken modulo what it sees."""
+    from longrope_cli.errors import RecipeError
+
+    count = torch.cuda.device_count()
+    if local_rank < count:
+        return local_rank
+    if count and "TORCHELASTIC_RUN_ID" not in os.environ:  # not torchrun: a task bound to its own GPU(s)
+        return local_rank % count
+    raise RecipeError(f"local rank {local_rank} has no GPU: this node has {count} CUDA device(s); launch at most "
+                      f"that many processes per node (torchrun --nproc-per-node {count}), or set model.device=cpu "
+                      "for CPU ranks")
+
+
+def uses_cuda(device: str) -> bool:
+    """Whether a recipe's model.device puts this process on a GPU."""
+    return torch.cuda.is_available() and (device == "auto" or device.startswith("cuda"))
+
+
 def is_main_process() -> bool:
     """True on rank 0 (or without torch.distributed): the process that writes files."""
     import torch.distributed as dist
@@ -176,10 +196,10 @@ def is_main_process() -> bool:
     return distributed_env()[0] == 0
 
 
-def init_distributed(backend: str = "auto") -> tuple[int, int]:
+def init_distributed(backend: str = "auto", device: str = "auto") -> tuple[int, int]:
     """Join the process group started by torchrun / srun (idempotent); returns (rank, world size).
 
-    auto = NCCL when CUDA is available, gloo otherwise. srun needs MASTER_ADDR exported by the sbatch script.
+    auto = NCCL when the model goes to a GPU (`device`, the recipe's model.device), gloo otherwise. srun needs MASTER_ADDR exported by the sbatch script.
     """
     import torch.distributed as dist
 
@@ -195,9 +215,9 @@ def init_distributed(backend: str = "auto") -> tuple[int, int]:
         os.environ["MASTER_ADDR"] = "127.0.0.1"
         os.environ.setdefault("MASTER_PORT", "29500")
     if backend == "auto":
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        backend = "nccl" if uses_cuda(device) else "gloo"
     if backend == "nccl":
-        torch.cuda.set_device(local_rank)  # object collectives on NCCL use the current device
+        torch.cuda.set_device(local_gpu(local_rank))  # object collectives on NCCL use the current device
     dist.init_process_group(backend=backend, rank=rank, world_size=world)
     # End the group the documented way, as the fine-tune does in its close. (It does not cure the rare exit -6
     # in torch's C++ teardown; cli/main.py steps around that.)

@@ -45,6 +45,7 @@ from longrope_cli.search.evaluator import (
     distributed_env,
     init_distributed,
     is_main_process,
+    local_gpu,
 )
 from longrope_cli.search.evolution import Candidate, SearchSpace
 from longrope_cli.search.state import Scored, SearchState
@@ -162,8 +163,7 @@ def load_stage_model(recipe: Recipe, distributed: bool) -> LoadedModel:
     """The recipe's model; under torch.distributed with device auto, each rank takes its local GPU."""
     device = recipe.model.device
     if distributed and device == "auto" and torch.cuda.is_available():
-        # torchrun shows every GPU to every rank; srun --gpus-per-task=1 shows each task only its own
-        device = f"cuda:{distributed_env()[2] % torch.cuda.device_count()}"
+        device = f"cuda:{local_gpu(distributed_env()[2])}"
     return load_model(recipe.model.name, dtype=recipe.model.dtype, device=device,
                       attn_implementation=recipe.model.attn_implementation,
                       original_length=recipe.model.original_length,
@@ -222,7 +222,7 @@ def run_search(recipe: Recipe, out_dir: Path, *, resume: bool = False, lm: Loade
     settings = settings_from_search(recipe)
     out_dir = Path(out_dir)
     distributed = cfg.backend == "distributed"
-    ranks = init_distributed(recipe.parallel.dist_backend)[1] if distributed else 1
+    ranks = init_distributed(recipe.parallel.dist_backend, recipe.model.device)[1] if distributed else 1
     if lm is None:
         lm = load_stage_model(recipe, distributed)
     layout = lm.layout

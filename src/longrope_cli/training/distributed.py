@@ -26,7 +26,7 @@ from torch import nn
 
 from longrope_cli.errors import ModelError, RecipeError
 from longrope_cli.models import pick_device
-from longrope_cli.search.evaluator import distributed_env
+from longrope_cli.search.evaluator import distributed_env, local_gpu, uses_cuda
 
 log = logging.getLogger(__name__)
 
@@ -98,10 +98,11 @@ def setup_parallel(parallel: Any, device: str = "auto") -> ParallelEnv:
             f"--nproc-per-node a multiple of {cp}")
     if world == 1 and not dist.is_initialized():
         return ParallelEnv(device=pick_device(device))
-    use_cuda = torch.cuda.is_available() and (device == "auto" or device.startswith("cuda"))
+    use_cuda = uses_cuda(device)
     if use_cuda:
-        torch.cuda.set_device(local_rank)
-        here = torch.device("cuda", local_rank)
+        index = local_gpu(local_rank)
+        torch.cuda.set_device(index)
+        here = torch.device("cuda", index)
     else:
         here = torch.device("cpu")
     owns = False
@@ -140,13 +141,17 @@ def wrap_for_training(module: nn.Module, model: nn.Module, env: ParallelEnv, *, 
     if not env.distributed:
         return module
     if fsdp:
+        from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
         policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else (
             MixedPrecisionPolicy())
+        # fully_shard's default mesh is a CUDA one whenever CUDA exists: CPU ranks on a GPU machine would each
+        # claim GPU <local rank> (and fail past the first on a 1-GPU box). Shard on the ranks' own device type.
+        mesh = init_device_mesh(env.device.type, (env.world,))
         for layer in decoder_layers(model):
-            fully_shard(layer, mp_policy=policy)
-        fully_shard(module, mp_policy=policy)
+            fully_shard(layer, mesh=mesh, mp_policy=policy)
+        fully_shard(module, mesh=mesh, mp_policy=policy)
         return module
     from torch.nn.parallel import DistributedDataParallel
 
