@@ -199,7 +199,8 @@ def is_main_process() -> bool:
 def init_distributed(backend: str = "auto", device: str = "auto") -> tuple[int, int]:
     """Join the process group started by torchrun / srun (idempotent); returns (rank, world size).
 
-    auto = NCCL when the model goes to a GPU (`device`, the recipe's model.device), gloo otherwise. srun needs MASTER_ADDR exported by the sbatch script.
+    auto = NCCL when the model goes to a GPU (`device`, the recipe's model.device), gloo otherwise. srun needs
+    MASTER_ADDR exported by the sbatch script.
     """
     import torch.distributed as dist
 
