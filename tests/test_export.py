@@ -72,6 +72,22 @@ def test_export_loads_in_plain_transformers_with_identical_logits(tiny_model_dir
         assert not torch.allclose(plain[200], plain_rope.model(ids).logits, atol=1e-3)
 
 
+def test_export_without_short_factors_is_the_model_eval_measured(tiny_model_dir, tmp_path):
+    """A file with long factors only: eval (and the search) run them at every length, so must the export,
+    on both sides of the original window (it used to write short_factor = 1.0 under the long attention)."""
+    lm = load_model(str(tiny_model_dir), device="cpu")
+    full = factor_set(lm.layout.pairs, lm.layout.original_length, 4 * lm.layout.original_length)
+    factors = FactorSet(long_factor=full.long_factor, target_length=full.target_length, attention=full.attention,
+                        attention_policy="su")
+    out = export(lm, factors, tmp_path / "exported")
+    ids = torch.randint(0, 300, (1, 200), generator=torch.Generator().manual_seed(1))
+    plain = plain_transformers_logits(sys.executable, out, ids, tmp_path)
+    install_factors(lm.model, factors, lm.layout)
+    with torch.no_grad():
+        for n in (32, 200):
+            torch.testing.assert_close(plain[n], lm.model(ids[:, :n]).logits, atol=2e-5, rtol=1e-4)
+
+
 def test_export_refuses_start_tokens(tiny_model_dir, tmp_path):
     lm = load_model(str(tiny_model_dir), device="cpu")
     factors = FactorSet(long_factor=[2.0] * lm.layout.pairs, start_tokens=4, target_length=256)

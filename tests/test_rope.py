@@ -97,19 +97,30 @@ def test_ntk_is_a_raised_base():
     torch.testing.assert_close(logits(model, 180), logits(raised, 180), atol=5e-5, rtol=1e-4)
 
 
-def test_start_tokens_keep_original_angles():
+def test_start_tokens_keep_original_angles_and_magnitude():
     model = tiny_llama()
     layout = layout_from_config(model.config)
     module = LongRopeRotaryEmbedding(layout)
-    module.set_factors(FactorSet(long_factor=[3.0] * layout.pairs, start_tokens=8))
+    module.set_factors(FactorSet(long_factor=[3.0] * layout.pairs, start_tokens=8, attention=1.2))
     positions = torch.arange(20).view(1, -1)
-    cos, _ = module(torch.zeros(1, dtype=torch.float32), positions)
+    cos, sin = module(torch.zeros(1, dtype=torch.float32), positions)
     plain = positions[..., None].float() * layout.inv_freq()
     scaled = plain / 3.0
-    expected_low = torch.cat((plain, plain), -1).cos()[:, :8]
-    expected_high = torch.cat((scaled, scaled), -1).cos()[:, 8:]
-    torch.testing.assert_close(cos[:, :8], expected_low)
-    torch.testing.assert_close(cos[:, 8:], expected_high)
+    # below n-hat: the original model's tables, without the attention factor (as the official code does)
+    torch.testing.assert_close(cos[:, :8], torch.cat((plain, plain), -1).cos()[:, :8])
+    torch.testing.assert_close(sin[:, :8], torch.cat((plain, plain), -1).sin()[:, :8])
+    torch.testing.assert_close(cos[:, 8:], 1.2 * torch.cat((scaled, scaled), -1).cos()[:, 8:])
+
+
+def test_one_start_token_differs_from_none():
+    """n-hat = 1 keeps position 0 untempered; it used to equal n-hat = 0 (angle 0 is the same either way)."""
+    model = tiny_llama()
+    layout = layout_from_config(model.config)
+    out = {}
+    for start in (0, 1):
+        install_factors(model, FactorSet(long_factor=[3.0] * layout.pairs, start_tokens=start, attention=1.2), layout)
+        out[start] = logits(model, 100)
+    assert not torch.allclose(out[0], out[1], atol=1e-4)
 
 
 def test_none_factors_reproduce_the_model_and_remove_restores():

@@ -31,7 +31,9 @@ def longrope_rope_parameters(factors: FactorSet, layout: RopeLayout, target_leng
             f"factors keep n-hat={factors.start_tokens} start tokens un-interpolated, which transformers' longrope "
             "cannot express; search with search.start_tokens=0 for an exportable result (or load with "
             "longrope_cli.install_factors)")
-    short = factors.short_factor if factors.short_factor is not None else (1.0,) * layout.pairs
+    # Without short factors, `longrope eval` and the search run the long factors at every length; so must the
+    # export (short = 1.0 under the long attention factor would be a third model, neither original nor measured).
+    short = factors.short_factor if factors.short_factor is not None else factors.long_factor
     return {
         "rope_type": "longrope",
         "short_factor": list(short),

@@ -69,19 +69,24 @@ class LongRopeRotaryEmbedding(nn.Module):
             # Like transformers' longrope: the whole sequence uses one set, chosen by its length.
             seq_len = position_ids.max() + 1
             inv_freq = torch.where(seq_len > self.layout.original_length, self.long_inv_freq, self.short_inv_freq)
-        freqs = positions * inv_freq
-        if self.start_tokens > 0:
-            # The first n-hat positions keep the original angles (the paper's "start tokens").
-            freqs = torch.where(positions < self.start_tokens, positions * self.inv_freq, freqs)
-        return freqs
+        return positions * inv_freq
 
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
         device_type = x.device.type if x.device.type != "mps" else "cpu"
         with torch.autocast(device_type=device_type, enabled=False):
-            freqs = self._tables(position_ids.to(self.inv_freq.device))
+            position_ids = position_ids.to(self.inv_freq.device)
+            freqs = self._tables(position_ids)
             emb = torch.cat((freqs, freqs), dim=-1)
             cos = emb.cos() * self.attention_scaling
             sin = emb.sin() * self.attention_scaling
+            if self.start_tokens > 0:
+                # The first n-hat positions keep the original model's cos/sin, angles and magnitude alike
+                # (the official code copies the un-interpolated, un-tempered tables there).
+                original = position_ids[..., None].float() * self.inv_freq
+                original = torch.cat((original, original), dim=-1)
+                keep = position_ids[..., None] < self.start_tokens
+                cos = torch.where(keep, original.cos(), cos)
+                sin = torch.where(keep, original.sin(), sin)
         return cos.to(dtype=x.dtype, device=x.device), sin.to(dtype=x.dtype, device=x.device)
 
     def extra_repr(self) -> str:
