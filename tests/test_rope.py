@@ -78,12 +78,22 @@ def test_yarn_matches_yarn():
     torch.testing.assert_close(logits(ours, 200), logits(hf, 200), atol=2e-5, rtol=1e-4)
 
 
-def test_dynamic_ntk_matches_dynamic_at_its_length():
+@pytest.mark.parametrize("factor", [1.0, 4.0])
+def test_dynamic_ntk_matches_dynamic_at_its_length(factor):
     length = ORIGINAL * 4
-    hf = tiny_llama({"rope_type": "dynamic", "factor": 4.0})
+    hf = tiny_llama({"rope_type": "dynamic", "factor": factor})
     ours = same_weights(hf)
-    install_factors(ours, baselines.dynamic_ntk_factors(layout_from_config(ours.config), length))
+    install_factors(ours, baselines.dynamic_ntk_factors(layout_from_config(ours.config), length, factor=factor))
     torch.testing.assert_close(logits(ours, length), logits(hf, length), atol=5e-5, rtol=1e-4)
+
+
+def test_dynamic_ntk_is_the_published_one():
+    """alpha = L / L_orig (YaRN paper 3.3), not s^2 - s + 1: in one forward it is NTK-aware at that length."""
+    layout = layout_from_config(tiny_llama().config)
+    for length in (ORIGINAL * 2, ORIGINAL * 8):
+        dynamic = baselines.dynamic_ntk_factors(layout, length).long_factor
+        assert dynamic == pytest.approx(baselines.ntk_factors(layout, length).long_factor)
+        assert dynamic[-1] == pytest.approx(length / ORIGINAL)
 
 
 def test_ntk_is_a_raised_base():

@@ -37,11 +37,15 @@ def ntk_factors(layout: RopeLayout, target_length: int) -> FactorSet:
     return FactorSet(long_factor=_ntk_lambdas(layout, s), target_length=target_length, method="ntk")
 
 
-def dynamic_ntk_factors(layout: RopeLayout, target_length: int, factor: float | None = None) -> FactorSet:
-    """Dynamic NTK evaluated at `target_length`, as transformers' `dynamic` rope type with `factor`
-    (default: s) computes it: alpha = factor * L / L_orig - (factor - 1)."""
+def dynamic_ntk_factors(layout: RopeLayout, target_length: int, factor: float = 1.0) -> FactorSet:
+    """Dynamic NTK (YaRN paper, section 3.3) at the current length: NTK-aware scaling with
+    alpha = factor * L / L_orig - (factor - 1), i.e. alpha = L / L_orig with the published factor 1.
+
+    transformers' `dynamic` rope type computes the same with its configured `factor`; pass that factor to
+    reproduce a model configured so. Scored in one forward, dynamic NTK at length L is NTK-aware at s = L /
+    L_orig; the two differ only when the length grows during generation.
+    """
     s = layout.scale(target_length)
-    factor = s if factor is None else factor
     alpha = factor * s - (factor - 1.0) if s > 1.0 else 1.0
     return FactorSet(long_factor=_ntk_lambdas(layout, alpha), target_length=target_length, method="dynamic-ntk")
 
