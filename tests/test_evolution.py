@@ -76,7 +76,7 @@ def test_mutation_keeps_every_constraint_and_moves_flat_regions():
         assert space.is_valid(child) and monotone(child)
         moved += child.idx != pi.idx
         starts.add(child.start)
-    assert moved > 250  # a flat parent (PI) still mutates: neighbours are pushed along
+    assert moved > 250  # a flat parent (PI) still mutates: runs of equal values move as blocks
     assert len(starts) > 5 and starts <= set(space.start_choices)
 
 
@@ -167,3 +167,39 @@ def test_selection_nan_and_raced_lose_ties_are_stable():
 
 def test_rng_is_numpy_pcg64():
     assert isinstance(new_rng(0).bit_generator, np.random.PCG64)
+
+
+DRIFT_LAYOUT = RopeLayout(rotary_dim=64, rope_theta=10000.0, original_length=4096, head_dim=64, name="t")
+
+
+def _mean(space: SearchSpace, c: Candidate) -> float:
+    return float(np.mean(space.values(c)))
+
+
+@pytest.mark.parametrize("method", ["pi", "ntk", "yarn"])
+def test_mutation_does_not_drift_lambda(method):
+    """From each seed at s = 32 the mean lambda of a mutant is the parent's, to sampling error (the shift-and-
+    push operator drifted PI by +0.8 and YaRN by +0.5 per mutation)."""
+    s = 32
+    space = SearchSpace(pairs=32, factor_min=1.0, factor_max=1.25 * s, step=0.01)
+    seed = space.snap(baseline_factors(method, DRIFT_LAYOUT, 4096 * s).long_factor)
+    rng = new_rng(0)
+    drift = [_mean(space, mutate(seed, space, rng, 0.3)) - _mean(space, seed) for _ in range(2000)]
+    assert abs(float(np.mean(drift))) < 0.15
+
+
+@pytest.mark.parametrize("method", ["pi", "ntk", "yarn"])
+def test_crossover_does_not_drift_lambda(method):
+    """Crossing two mutants of one seed gives, on average, their midpoint (a running maximum drifted it up by
+    +1.1 from PI at s = 32)."""
+    s = 32
+    space = SearchSpace(pairs=32, factor_min=1.0, factor_max=1.25 * s, step=0.01)
+    seed = space.snap(baseline_factors(method, DRIFT_LAYOUT, 4096 * s).long_factor)
+    rng = new_rng(0)
+    drift = []
+    for _ in range(1000):
+        a, b = mutate(seed, space, rng, 0.3), mutate(seed, space, rng, 0.3)
+        child = crossover(a, b, rng)
+        assert monotone(child)
+        drift.append(_mean(space, child) - (_mean(space, a) + _mean(space, b)) / 2)
+    assert abs(float(np.mean(drift))) < 0.1

@@ -7,13 +7,16 @@ scored already?" is one dict lookup (the public code scans its whole history wit
 Every random choice comes from one `numpy.random.Generator` owned by the caller, whose state is
 saved with each checkpoint: a resumed search draws exactly the numbers an uninterrupted one draws.
 
-Operators (what the official code does, and where we differ):
-- mutation: each lambda_i moves with probability p. Half the moves resample lambda_i uniformly between
-  its neighbours (the official operator, monotone by construction); the other half shift it by a random
-  number of grid steps and push the neighbours it passes along, so that flat stretches (PI: all equal)
-  can move at all. n-hat moves to another allowed value with probability p.
-- crossover: each lambda_i comes from either parent; a crossing that breaks monotonicity is repaired by
-  a running maximum. n-hat from either parent.
+Operators (unbiased: neither pushes lambda one way; the tests measure the mean drift from each seed):
+- mutation: each lambda_i fires with probability p and moves a block by +-delta grid steps (sign fair,
+  delta from a half-normal): the block is lambda_i with the rest of its run of equal values on one side
+  (to the right when moving up, to the left when moving down), so flat stretches (PI: all equal) can move.
+  A move that would break monotonicity or the bounds is rejected and redrawn, never repaired: repairs
+  that push the neighbours along drift lambda upward (about +2 per mutation from PI at s = 32). n-hat
+  moves to another allowed value with probability p.
+- crossover: each lambda_i from either parent; a non-monotone child is rejected and redrawn (as the
+  official code does); after a few misses, a one-point crossover at a cut where the parents join
+  monotonically. n-hat from either parent. (A running-maximum repair drifts lambda upward.)
 - children are redrawn (up to `tries` times) until they are new: never a copy of a parent nor a
   candidate scored before.
 """
@@ -119,30 +122,41 @@ def _shift_scale(space: SearchSpace) -> float:
     return max(1.0, 0.05 * space.top)
 
 
+MOVE_TRIES = 4  # redraws of one gene's move before leaving that gene as it is
+
+
+def _block_move(idx: list[int], i: int, space: SearchSpace, rng: np.random.Generator) -> None:
+    """Move gene i, with the genes equal to it on the side it moves away from, by a fair +-delta (in place).
+    Rejected and redrawn when it would leave the bounds or break monotonicity."""
+    n = len(idx)
+    for _ in range(MOVE_TRIES):
+        delta = max(1, int(round(abs(rng.normal(0.0, _shift_scale(space))))))
+        up = rng.random() < 0.5
+        lo = hi = i
+        if up:
+            while hi + 1 < n and idx[hi + 1] == idx[i]:
+                hi += 1
+            value = idx[i] + delta
+            if value > space.top or (hi + 1 < n and idx[hi + 1] < value):
+                continue
+        else:
+            while lo > 0 and idx[lo - 1] == idx[i]:
+                lo -= 1
+            value = idx[i] - delta
+            if value < 0 or (lo > 0 and idx[lo - 1] > value):
+                continue
+        idx[lo:hi + 1] = [value] * (hi - lo + 1)
+        return
+
+
 def mutate(parent: Candidate, space: SearchSpace, rng: np.random.Generator, prob: float) -> Candidate:
     """One mutated copy of `parent` (may equal it when no gene fires; `propose` redraws those)."""
     idx = list(parent.idx)
-    n = len(idx)
-    for i in range(n):
-        if rng.random() >= prob:
-            continue
-        if rng.random() < 0.5:
-            # Resample between the neighbours: stays monotone with no repair.
-            lo = idx[i - 1] if i > 0 else 0
-            hi = idx[i + 1] if i + 1 < n else space.top
-            idx[i] = int(rng.integers(lo, hi + 1))
-        else:
-            size = max(1, int(round(abs(rng.normal(0.0, _shift_scale(space))))))
-            value = int(min(max(idx[i] + (size if rng.random() < 0.5 else -size), 0), space.top))
-            idx[i] = value
-            for j in range(i + 1, n):  # push the ones it passed, keeping the order
-                if idx[j] >= value:
-                    break
-                idx[j] = value
-            for j in range(i - 1, -1, -1):
-                if idx[j] <= value:
-                    break
-                idx[j] = value
+    fire = np.flatnonzero(rng.random(len(idx)) < prob)
+    # In random order: a fixed left-to-right order lets earlier moves fence later ones in one direction
+    # (after a suffix moves up, a later prefix cannot move down past it), which drifts lambda upward.
+    for i in rng.permutation(fire):
+        _block_move(idx, int(i), space, rng)
     start = parent.start
     if space.searches_start and rng.random() < prob:
         others = [c for c in space.start_choices if c != start]
@@ -150,13 +164,24 @@ def mutate(parent: Candidate, space: SearchSpace, rng: np.random.Generator, prob
     return Candidate(tuple(idx), start)
 
 
+CROSS_TRIES = 8  # uniform crossings tried before a one-point crossing
+
+
 def crossover(a: Candidate, b: Candidate, rng: np.random.Generator) -> Candidate:
-    """Each gene from either parent, then a running maximum restores monotonicity."""
-    pick = rng.random(len(a.idx)) < 0.5
-    genes = np.where(pick, np.asarray(b.idx), np.asarray(a.idx))
-    genes = np.maximum.accumulate(genes)
-    start = b.start if rng.random() < 0.5 else a.start
-    return Candidate(tuple(int(x) for x in genes), int(start))
+    """Each gene from either parent, redrawn until monotone; else a one-point crossing at a monotone cut."""
+    pa, pb = np.asarray(a.idx), np.asarray(b.idx)
+    start = int(b.start if rng.random() < 0.5 else a.start)
+    for _ in range(CROSS_TRIES):
+        genes = np.where(rng.random(len(pa)) < 0.5, pb, pa)
+        if np.all(genes[1:] >= genes[:-1]):
+            return Candidate(tuple(int(x) for x in genes), start)
+    # a[:c] + b[c:] is monotone iff a[c-1] <= b[c]; either parent may lead. There is always a valid cut
+    # (c = 0 or n: a copy of a parent, which `propose` then redraws).
+    cuts = [(c, x, y) for x, y in ((pa, pb), (pb, pa)) for c in range(len(pa) + 1)
+            if c in (0, len(pa)) or x[c - 1] <= y[c]]
+    c, x, y = cuts[int(rng.integers(len(cuts)))]
+    genes = np.concatenate([x[:c], y[c:]])
+    return Candidate(tuple(int(v) for v in genes), start)
 
 
 def _new_child(make: Callable[[], Candidate], taken: set[Candidate] | frozenset, tries: int,
