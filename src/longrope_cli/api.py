@@ -63,12 +63,16 @@ def export(model: str | LoadedModel, factors: FactorSet | str | Path, out_dir: s
         if source is not None and not isinstance(source, FactorSet):
             load_factors(source)
     lm = model if isinstance(model, LoadedModel) else load_model(model, device=device)
-    long_set = as_factor_set(factors, lm.layout)
+    target = parse_length(target_length, "--target") if target_length is not None else None
+    if isinstance(factors, str | Path) and Path(factors).suffix.lower() == ".csv":
+        # The official CSV has no target inside: --target gives it one, and with it the su attention factor.
+        long_set = load_factors(factors, lm.layout, target_length=target)
+    else:
+        long_set = as_factor_set(factors, lm.layout)
     if short_factors is not None:
         short_set = as_factor_set(short_factors, lm.layout)
         short = short_set.short_factor if short_set.short_factor is not None else short_set.long_factor
         long_set = replace(long_set, short_factor=short)
-    target = parse_length(target_length, "--target") if target_length is not None else None
     return export_model(lm.model, lm.tokenizer, long_set, lm.layout, out_dir, target_length=target)
 
 

@@ -10,6 +10,7 @@ original window and the long ones beyond it, exactly as transformers' `rope_type
 from __future__ import annotations
 
 import json
+import logging
 import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -23,6 +24,9 @@ from longrope_cli.rope.layout import RopeLayout
 FORMAT_NAME = "longrope-factors"
 FORMAT_VERSION = 1
 ATTENTION_POLICIES = ("su", "yarn", "none")
+LONGROPE_TYPES = (None, "longrope", "su")  # rope_type values whose missing attention_factor means su
+
+log = logging.getLogger(__name__)
 
 
 def attention_factor(policy: str, scale: float, original_length: int) -> float:
@@ -140,8 +144,12 @@ def _as_floats(values: Any, key: str, source: str) -> tuple[float, ...]:
         raise FactorFileError(f"{source}: {key} must contain only numbers") from None
 
 
-def _read_csv(path: Path) -> FactorSet:
-    """The official search's `result_final.csv`: d/2 floats, one per line (commas also accepted)."""
+def _read_csv(path: Path, layout: RopeLayout | None = None) -> FactorSet:
+    """The official search's `result_final.csv`: d/2 floats, one per line (commas also accepted).
+
+    The `dim_mono_n` variant has d/2 + 1 values, the first being n-hat (start tokens, an integer); it
+    can only be told apart with `layout` (exactly `layout.pairs + 1` values, the first a whole number >= 0).
+    """
     values = []
     for line in path.read_text(encoding="utf-8").splitlines():
         for cell in line.replace(";", ",").split(","):
@@ -155,12 +163,81 @@ def _read_csv(path: Path) -> FactorSet:
                     raise FactorFileError(f"{path}: {cell!r} is not a number; expected one factor per line") from None
     if not values:
         raise FactorFileError(f"{path}: no factors found; expected one number per line")
-    return FactorSet(long_factor=tuple(values), method="longrope-csv", provenance={"source": str(path)})
+    start_tokens, variant = 0, "dim_mono"
+    first = values[0]
+    if (layout is not None and len(values) == layout.pairs + 1 and math.isfinite(first)
+            and first >= 0 and first == int(first)):
+        start_tokens, values, variant = int(first), values[1:], "dim_mono_n"
+    return FactorSet(long_factor=tuple(values), start_tokens=start_tokens, method="longrope-csv",
+                     provenance={"source": str(path), "csv_variant": variant})
 
 
-def _from_mapping(data: dict[str, Any], source: str) -> tuple[FactorSet, dict[str, Any]]:
+def _csv_attention(factors: FactorSet, layout: RopeLayout | None, target_length: int | None,
+                   source: str) -> FactorSet:
+    """A CSV holds no target or attention factor: su from the caller's target (the official default policy)."""
+    if target_length is None or layout is None:
+        missing = ("no target length was given (pass a target, e.g. --target)" if target_length is None
+                   else "no model layout was given (the original window is unknown)")
+        log.warning("%s: attention factor could not be derived as su = sqrt(1 + ln s / ln L_orig): %s; "
+                    "using 1.0", source, missing)
+        return replace(factors, target_length=target_length)
+    value = attention_factor("su", layout.scale(target_length), layout.original_length)
+    log.info("%s: attention factor derived as su = %.6f (s = %s / %s, the official default policy)",
+             source, value, format_length(target_length), format_length(layout.original_length))
+    return replace(factors, attention=value, attention_policy="su", target_length=target_length)
+
+
+def _positive_int(value: Any) -> int | None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
+        return None
+    return int(value)
+
+
+def _from_config(top: dict[str, Any], rope: dict[str, Any], source: str,
+                 layout: RopeLayout | None) -> tuple[FactorSet, dict[str, Any]]:
+    """An exported / Phi-3-style config.json, read as transformers' `_compute_longrope_parameters` does.
+
+    original = `original_max_position_embeddings` (top level first, then the rope dict); target =
+    `max_position_embeddings`, else `factor` x original; a missing `attention_factor` is su of s =
+    `factor` if given, else max_position_embeddings / original (1.0 when s <= 1).
+    """
+    factors, _ = _from_mapping(rope, source)
+    original = (_positive_int(top.get("original_max_position_embeddings"))
+                or _positive_int(rope.get("original_max_position_embeddings")))
+    model = {"original_length": original} if original else {}
+    if original is None:  # transformers falls back to max_position_embeddings (so s = 1)
+        original = _positive_int(top.get("max_position_embeddings")) or (layout.original_length if layout else None)
+    factor = rope.get("factor")
+    if factor is not None and (isinstance(factor, bool) or not isinstance(factor, int | float)
+                               or not math.isfinite(factor) or factor <= 0):
+        raise FactorFileError(f"{source}: rope factor must be a positive number, got {factor!r}")
+    target = _positive_int(top.get("max_position_embeddings"))
+    if target is None and factor is not None and original:
+        target = round(factor * original)
+    factors = replace(factors, target_length=target)
+    if rope.get("attention_factor") is not None:
+        return factors, model
+    rope_type = rope.get("rope_type", rope.get("type"))
+    if rope_type not in LONGROPE_TYPES:
+        return factors, model
+    scale = float(factor) if factor is not None else (target / original if target and original else None)
+    if scale is None or not original:
+        log.warning("%s: no attention_factor and no max_position_embeddings / factor / "
+                    "original_max_position_embeddings to derive it from; using 1.0", source)
+        return factors, model
+    value = attention_factor("su", scale, original)
+    log.info("%s: no attention_factor; derived as su = %.6f (s = %g, original %s), as transformers does",
+             source, value, scale, format_length(original))
+    return replace(factors, attention=value, attention_policy="su"), model
+
+
+def _from_mapping(data: dict[str, Any], source: str,
+                  layout: RopeLayout | None = None) -> tuple[FactorSet, dict[str, Any]]:
     if "rope_parameters" in data or "rope_scaling" in data:  # an exported config.json
-        data = data.get("rope_parameters") or data.get("rope_scaling") or {}
+        rope = data.get("rope_parameters") or data.get("rope_scaling") or {}
+        if not isinstance(rope, dict):
+            raise FactorFileError(f"{source}: rope_scaling / rope_parameters must be a JSON object")
+        return _from_config(data, rope, source, layout)
     if "long_factor" not in data:
         raise FactorFileError(f"{source}: no 'long_factor' list; is this a longrope factor file?")
     if data.get("format") not in (None, FORMAT_NAME):
@@ -199,6 +276,9 @@ def load_factors(path: str | Path, layout: RopeLayout | None = None, target_leng
 
     With `layout`, the file must match the model (pair count, rope_theta, original window); with
     `target_length`, it must have been made for that target. Every mismatch is a one-line error.
+    A CSV has no target inside: `target_length` becomes its target, and with `layout` its attention
+    factor is su(target / original), the official search's default (without one it stays 1.0, with a
+    warning). A config.json without `attention_factor` gets su, as transformers derives it.
     """
     path = Path(path)
     source = str(path)
@@ -208,7 +288,7 @@ def load_factors(path: str | Path, layout: RopeLayout | None = None, target_leng
     if not path.is_file():
         raise FactorFileError(f"factor file {source!r} not found; pass the factors.json written by a previous stage")
     if path.suffix.lower() == ".csv":
-        factors, model = _read_csv(path), {}
+        factors, model = _csv_attention(_read_csv(path, layout), layout, target_length, source), {}
     else:
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
@@ -216,7 +296,7 @@ def load_factors(path: str | Path, layout: RopeLayout | None = None, target_leng
             raise FactorFileError(f"{source}: not valid JSON ({err.msg if hasattr(err, 'msg') else err})") from None
         if not isinstance(data, dict):
             raise FactorFileError(f"{source}: expected a JSON object with 'long_factor'")
-        factors, model = _from_mapping(data, source)
+        factors, model = _from_mapping(data, source, layout)
     if layout is not None:
         _check_model(model, layout, source)
         factors.check(layout, source=source)
