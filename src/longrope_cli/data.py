@@ -3,8 +3,10 @@
 Supported sources: a .txt / .txt.gz file (one document), a folder of such files, .jsonl(.gz) and .parquet
 (one document per record, `text_field`), a Hugging Face dataset saved with `save_to_disk`, and
 pre-tokenised .npy (1-D: one document, 2-D: one per row) or .bin (uint16 token stream) arrays.
-A folder with `train/`, `search/` and `eval/` sub-folders is split by folder; otherwise each document is
-assigned to a split by a hash of its id, so a search never scores the documents that eval reports on.
+A folder with `train/`, `search/` and `eval/` sub-folders (or only some of them, and no other documents than
+a README) is split by folder; otherwise each document is assigned to a split by a hash of its id, so a search
+never scores the documents that eval reports on. Bundled corpora are addressed by name (BUNDLED_CORPORA):
+'testbed' (Austen + Melville, all three splits) and 'jargon' (the Jargon File, an eval split of another domain).
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ SPLITS = ("train", "search", "eval")
 TEXT_SUFFIXES = (".txt", ".txt.gz", ".md", ".rst")
 RECORD_SUFFIXES = (".jsonl", ".jsonl.gz", ".parquet")
 TOKEN_SUFFIXES = (".npy", ".bin")
+# corpus name -> folder under assets/ (see its README.md)
+BUNDLED_CORPORA = {"testbed": "corpus", "jargon": "corpus-jargon"}
 
 
 @dataclass
@@ -44,9 +48,13 @@ class Document:
 class Corpus:
     name: str
     splits: dict[str, list[Document]] = field(default_factory=dict)
+    by_folder: bool = False  # splits come from train/ search/ eval/ sub-folders, not from the fractions
 
     def split(self, name: str) -> list[Document]:
         docs = self.splits.get(name, [])
+        if not docs and self.by_folder:
+            raise DataError(f"corpus {self.name!r} has no documents in its {name!r} split (no {name}/ folder, or "
+                            "an empty one); it is split by folder, so use another corpus for this stage")
         if not docs:
             raise DataError(
                 f"corpus {self.name!r} has no documents in its {name!r} split; add documents or raise "
@@ -54,8 +62,15 @@ class Corpus:
         return docs
 
 
+def bundled_corpus_path(name: str) -> Path:
+    """Folder of a bundled corpus: 'testbed' (novels, train/search/eval) or 'jargon' (Jargon File, eval only)."""
+    if name not in BUNDLED_CORPORA:
+        raise DataError(f"no bundled corpus {name!r}; bundled: {', '.join(BUNDLED_CORPORA)}")
+    return ASSETS / BUNDLED_CORPORA[name]
+
+
 def testbed_corpus_path() -> Path:
-    return ASSETS / "corpus"
+    return bundled_corpus_path("testbed")
 
 
 def _suffix(path: Path) -> str:
@@ -120,6 +135,20 @@ def _corpus_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.is_file() and p.name.lower().endswith(suffixes))
 
 
+def _split_by_folder(path: Path) -> bool:
+    """True for a folder laid out as split sub-folders: all of train/, search/ and eval/, or some of them with
+    no documents beside them other than a README (an eval-only corpus such as the bundled 'jargon')."""
+    if not path.is_dir():
+        return False
+    present = [s for s in SPLITS if (path / s).is_dir()]
+    if len(present) == len(SPLITS):
+        return True
+    if not present:
+        return False
+    return all(f.relative_to(path).parts[0] in SPLITS or f.name.upper().startswith("README")
+               for f in _corpus_files(path))
+
+
 def _hash_split(doc_id: str, search_fraction: float, eval_fraction: float) -> str:
     u = int(hashlib.sha1(doc_id.encode()).hexdigest()[:12], 16) / 16**12
     if u < eval_fraction:
@@ -151,11 +180,13 @@ def _load_saved_dataset(path: Path, text_field: str) -> list[Document]:
 def load_corpus(source: str = "testbed", text_field: str = "text", search_fraction: float = 0.1,
                 eval_fraction: float = 0.1) -> Corpus:
     """Read a corpus and assign every document to exactly one split."""
-    path = testbed_corpus_path() if source == "testbed" else Path(source).expanduser()
+    path = bundled_corpus_path(source) if source in BUNDLED_CORPORA else Path(source).expanduser()
     if not path.exists():
-        raise DataError(f"corpus {source!r} not found; give a file or folder (.txt, .jsonl, .parquet, .npy) or 'testbed'")
-    corpus = Corpus(name=source, splits={s: [] for s in SPLITS})
-    if path.is_dir() and all((path / s).is_dir() for s in SPLITS):
+        names = " or ".join(repr(name) for name in BUNDLED_CORPORA)
+        raise DataError(f"corpus {source!r} not found; give a file or folder (.txt, .jsonl, .parquet, .npy) or a "
+                        f"bundled corpus: {names}")
+    corpus = Corpus(name=source, splits={s: [] for s in SPLITS}, by_folder=_split_by_folder(path))
+    if corpus.by_folder:
         for split in SPLITS:
             for file in _corpus_files(path / split):
                 rel = file.relative_to(path).as_posix()
