@@ -36,7 +36,7 @@ def test_precedence_defaults_file_overrides_flags(tmp_path):
     assert recipe.search.population == 24  # override beats file
     assert recipe.search.target == 32768  # flag beats override
     assert recipe.search.iterations == 3  # file beats default
-    assert recipe.search.mutations == 16  # default
+    assert recipe.search.mutation_prob == 0.3  # default
 
 
 def test_unknown_key_suggests_the_close_one():

@@ -157,13 +157,14 @@ def extend_context(model: LoadedModel | str, data: Any, target_length: int | str
         >>> result.factors.long_factor[:2], result.perplexity                           # doctest: +SKIP
     """
     from longrope_cli.recipe import build_recipe
-    from longrope_cli.search.runner import run_search
+    from longrope_cli.search.runner import resolve_search, run_search, validation_windows
 
     lm = model if isinstance(model, LoadedModel) else load_model(model)
     target = parse_length(target_length, "target_length")
     flags = {f"search.{key}": value for key, value in search_options.items()}
     recipe = build_recipe({"model": {"name": lm.name}}, flags={**flags, "search.target": target})
-    windows = fitness_windows(data, lm.tokenizer, target, recipe.search.documents)
+    resolved = resolve_search(recipe.search, target)
+    windows = fitness_windows(data, lm.tokenizer, target, resolved.documents + validation_windows(resolved))
     out = Path(out_dir) if out_dir is not None else Path(tempfile.mkdtemp(prefix="longrope-search-"))
     record = run_search(recipe, out, lm=lm, windows=windows, progress=progress)
     install_factors(lm.model, record.best, lm.layout)

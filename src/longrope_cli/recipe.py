@@ -58,10 +58,10 @@ class DataConfig:
 @dataclass
 class SearchConfig:
     target: int | None = _field(None, "target context length (e.g. 256k); required", "length")
-    population: int = _field(64, "population size")
+    population: int | None = _field(None, "population size; null = the paper's 64 (32 above 512k)")
     iterations: int = _field(40, "generations after the initial population")
-    mutations: int = _field(16, "mutated children per generation")
-    crossovers: int = _field(16, "crossover children per generation")
+    mutations: int | None = _field(None, "mutated children per generation; null = 16 (8 above 512k)")
+    crossovers: int | None = _field(None, "crossover children per generation; null = 16 (8 above 512k)")
     mutation_prob: float = _field(0.3, "probability that a factor (or n-hat) is mutated")
     survivors: int = _field(32, "parents kept per generation (the best ones)")
     factor_step: float = _field(0.01, "grid step of lambda_i")
@@ -69,15 +69,26 @@ class SearchConfig:
     factor_max_ratio: float = _field(1.25, "upper bound of lambda_i as a multiple of s = target / original")
     start_tokens: int | None = _field(None, "fix n-hat (0 = loads in plain transformers); null = search it")
     start_token_choices: list[int] = _field(list(PAPER_START_TOKENS), "n-hat values the search may pick")
-    documents: int = _field(5, "search-split documents scored per candidate (paper: 5; 3 above 512k)")
+    documents: int | None = _field(None, "search-split windows scored per candidate; null = the paper's 5 (3 "
+                                         "above 512k)")
     attention: str = _field("su", "attention scale: su, yarn, none, a number, or base (keep base_factors' value)")
     base_factors: str | None = _field(None, "progressive search: factor file of the fine-tuned model; the search "
                                             "is relative to it (absolute = relative x base)")
     seed_factors: list[str] = _field([], "extra factor files added to the initial population")
     seed: int = _field(0, "random seed (the search is deterministic for a seed)")
-    racing: bool = _field(False, "score on one document first and drop candidates that cannot reach the survivors")
-    race_margin: float = _field(0.0, "racing: stop a candidate once its running perplexity exceeds the worst "
-                                     "survivor's on the same documents by more than this fraction")
+    racing: bool = _field(False, "stop scoring a candidate once its NLL so far already exceeds the worst "
+                                 "survivor's total: it provably cannot survive (same result, fewer forwards)")
+    race_margin: float = _field(0.0, "racing: stop only when the NLL so far exceeds that total by this fraction "
+                                     "more (>= 0; more conservative)")
+    critical_dim: str = _field("off", "LongRoPE2's critical dimension: off; auto (the first pair whose period "
+                                      "exceeds the original window); or a pair index. From it on lambda_i is "
+                                      "searched in [s, 1.25 s], below it lambda_i = lambda_cd^(i / cd) (NTK-like)")
+    validate_top: int = _field(0, "re-rank the best N candidates on fresh search-split windows that the evolution "
+                                  "never scored, and hand on the best there (0: off)")
+    validate_documents: int | None = _field(None, "fresh windows for validate_top; null = search.documents")
+    attention_search: bool = _field(False, "after the factors, search the attention factor (temperature) with the "
+                                           "factors frozen (LongRoPE2's second stage)")
+    attention_search_evals: int = _field(12, "evaluations of the attention search (golden-section on [1, 1.5 su])")
     max_evals: int | None = _field(None, "stop after this many fitness evaluations")
     max_minutes: float | None = _field(None, "stop after this many minutes of wall time")
     patience: int | None = _field(None, "stop after this many generations without improvement")

@@ -218,20 +218,20 @@ class Engine:
         return None
 
     def _threshold(self, state: SearchState) -> list[float] | None:
-        """Racing: the running perplexity, window by window, of the survivor a child must beat (the worst one),
-        times 1 + race_margin. A child above it after any window stops there: compared on the same documents,
-        it is not on course to enter the survivors. A raced candidate ranks below every complete one, so it
-        never survives; its partial score is cached and logged like any other (it is never rescored)."""
+        """Racing, sound: after k of N equal-length windows a child stops only when its NLL so far already
+        exceeds the worst survivor's NLL over all N windows (NLL >= 0, so the remaining windows can only add),
+        i.e. when its running perplexity exceeds exp(N m / k), m the survivor's mean NLL per window; race_margin
+        raises that limit by a fraction (more conservative). Such a child provably ranks below every survivor,
+        so racing changes which forwards run, never which candidates survive. Its partial score is cached and
+        logged like any other (it is never rescored)."""
         if not self.settings.racing or len(state.parents) < self.settings.survivors:
             return None
         worst = state.cache[state.parents[-1]]
         if not worst.complete or not math.isfinite(worst.value) or not worst.per_window:
             return None
-        logs, limits = 0.0, []
-        for k, ppl in enumerate(worst.per_window, 1):
-            logs += math.log(ppl)  # windows have equal length: the running perplexity is a geometric mean
-            limits.append(math.exp(logs / k) * (1.0 + self.settings.race_margin))
-        return limits
+        total = len(worst.per_window) * math.log(worst.value)  # the survivor's summed per-window NLL
+        return [math.exp(min(total / k, 700.0)) * (1.0 + self.settings.race_margin)
+                for k in range(1, len(worst.per_window) + 1)]
 
     def _generation(self, state: SearchState, g: int, children: list[Child], parents: list[Candidate],
                     threshold: list[float] | None, rng: Any) -> None:

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from longrope_cli.evaluate.perplexity import score_perplexity
+from longrope_cli.evaluate.perplexity import PerplexityResult, score_perplexity
 from longrope_cli.rope.factors import FactorSet
 from longrope_cli.rope.layout import RopeLayout
 from longrope_cli.rope.rotary import install_factors, installed_factors, remove_factors
@@ -109,7 +109,7 @@ class LocalEvaluator(Evaluator):
         after any window whose running perplexity exceeds that prefix's limit."""
         nll, tokens, per_window = 0.0, 0, []
         for k in range(len(group)):
-            result = score_perplexity(self.model, group[k:k + 1], chunk=self.chunk)
+            result = self._window(group[k:k + 1])
             per_window.append(result.perplexity)
             if not result.finite:
                 return math.inf, per_window, k == len(group) - 1
@@ -119,6 +119,10 @@ class LocalEvaluator(Evaluator):
             if limits is not None and k < len(group) - 1 and running > limits[min(k, len(limits) - 1)]:
                 return running, per_window, False
         return (math.exp(nll / tokens) if nll / tokens < 700 else math.inf), per_window, True
+
+    def _window(self, window: torch.Tensor) -> PerplexityResult:
+        """One window's perplexity with the installed factors (tests override it with a known function)."""
+        return score_perplexity(self.model, window, chunk=self.chunk)
 
     def score(self, factors: FactorSet, stop_above: Limit = None) -> Fitness:
         started = time.perf_counter()

@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -33,7 +34,7 @@ from longrope_cli.errors import RecipeError
 from longrope_cli.lengths import format_length
 from longrope_cli.models import LoadedModel, load_model
 from longrope_cli.outputs import mark_complete
-from longrope_cli.recipe import Recipe, recipe_to_dict, require_target
+from longrope_cli.recipe import Recipe, SearchConfig, recipe_to_dict, require_target
 from longrope_cli.rope.baselines import baseline_factors, yarn_relative_factors
 from longrope_cli.rope.factors import FactorSet, attention_factor, load_factors
 from longrope_cli.rope.layout import RopeLayout
@@ -48,12 +49,66 @@ from longrope_cli.search.evaluator import (
     local_gpu,
 )
 from longrope_cli.search.evolution import Candidate, SearchSpace
+from longrope_cli.search.refine import REFINE_FILE, ScoreBook, search_attention, validate_top
 from longrope_cli.search.state import Scored, SearchState
 
 log = logging.getLogger(__name__)
 
 FACTORS_FILE = "factors.json"
 SEED_METHODS = ("pi", "ntk", "yarn")
+LARGE_TARGET = 512 * 1024
+PAPER_SIZES = {"population": 64, "mutations": 16, "crossovers": 16, "documents": 5}
+LARGE_SIZES = {"population": 32, "mutations": 8, "crossovers": 8, "documents": 3}  # the paper above 512k
+
+
+def resolve_search(cfg: SearchConfig, target: int) -> SearchConfig:
+    """The search section with the paper's sizes filled in where the recipe left them null: 64 / 16 / 16 and
+    5 windows, halved (and 3 windows) above 512k, where one forward costs most."""
+    sizes = LARGE_SIZES if target > LARGE_TARGET else PAPER_SIZES
+    filled = {key: value for key, value in sizes.items() if getattr(cfg, key) is None}
+    if target > LARGE_TARGET and filled:
+        log.info("search: target %s is above 512k: the paper's halved sizes for %s", format_length(target),
+                 ", ".join(f"{k}={v}" for k, v in filled.items()))
+    return replace(cfg, **filled)
+
+
+def validation_windows(cfg: SearchConfig) -> int:
+    """Fresh search-split windows for re-ranking (0 when `validate_top` is off)."""
+    if not cfg.validate_top:
+        return 0
+    return cfg.validate_documents if cfg.validate_documents is not None else int(cfg.documents or 0)
+
+
+def critical_pair(layout: RopeLayout) -> int:
+    """The first pair whose period 2 pi / theta_i exceeds the original window: it and every slower pair were
+    never trained through a full turn (LongRoPE2's critical dimension; `layout.pairs` when there is none)."""
+    periods = [2 * math.pi / theta for theta in layout.inv_freq().tolist()]
+    return next((i for i, period in enumerate(periods) if period > layout.original_length), layout.pairs)
+
+
+def _critical_setting(cfg: SearchConfig, layout: RopeLayout) -> int | None:
+    text = str(cfg.critical_dim).strip().lower()
+    if text in ("off", "none", "false", ""):
+        return None
+    if text == "auto":
+        cd = critical_pair(layout)
+    else:
+        try:
+            cd = int(text)
+        except ValueError:
+            raise RecipeError(f"search.critical_dim={cfg.critical_dim!r}: use off, auto or a pair index") from None
+    if not 0 <= cd < layout.pairs:
+        raise RecipeError(f"search.critical_dim={cd} must be a pair index in 0..{layout.pairs - 1} (auto: "
+                          f"{critical_pair(layout)} for this model)")
+    if cfg.base_factors:
+        raise RecipeError("search.critical_dim applies to a search from the original model; set it to off with "
+                          "search.base_factors")
+    return cd
+
+
+def critical_factors(upper: tuple[float, ...], cd: int) -> tuple[float, ...]:
+    """Full lambda from the searched pairs cd.. : below cd, lambda_i = lambda_cd ** (i / cd) (NTK-like)."""
+    return tuple(round(upper[0] ** (i / cd), 10) for i in range(cd)) + tuple(upper)
 
 
 @dataclass
@@ -118,7 +173,11 @@ def search_problem(recipe: Recipe, layout: RopeLayout, target: int, windows_id: 
     factor_max = cfg.factor_max_ratio * relative_scale
     if factor_max < cfg.factor_min:
         raise RecipeError(f"search.factor_max_ratio x s = {factor_max:g} is below search.factor_min={cfg.factor_min}")
-    space = SearchSpace(layout.pairs, cfg.factor_min, factor_max, cfg.factor_step, choices)
+    cd = _critical_setting(cfg, layout)
+    if cd is None:
+        space = SearchSpace(layout.pairs, cfg.factor_min, factor_max, cfg.factor_step, choices)
+    else:  # only the pairs from cd on are genes, each at least s
+        space = SearchSpace(layout.pairs - cd, max(cfg.factor_min, scale), factor_max, cfg.factor_step, choices)
     if cfg.attention == "base":
         # The fine-tuned model learnt this temperature; transformers also applies it to short inputs.
         if base is None:
@@ -128,29 +187,37 @@ def search_problem(recipe: Recipe, layout: RopeLayout, target: int, windows_id: 
     else:
         attention = attention_factor(cfg.attention, scale, layout.original_length)
 
+    def full(values: tuple[float, ...]) -> tuple[float, ...]:
+        return values if cd is None else critical_factors(values, cd)
+
     def to_factors(candidate: Candidate) -> FactorSet:
-        values = space.values(candidate)
+        values = full(space.values(candidate))
         if base is not None:
             values = tuple(r * b for r, b in zip(values, base.long_factor, strict=True))
         return FactorSet(long_factor=values, start_tokens=candidate.start, attention=attention,
                          attention_policy=cfg.attention, target_length=target, method="longrope")
 
+    def genes(values: tuple[float, ...]) -> tuple[float, ...]:
+        return tuple(values) if cd is None else tuple(values)[cd:]
+
+    # The fine-tuned model was trained with its n-hat: the progressive seeds keep it.
+    seed_start = base.start_tokens if base is not None else 0
     seeds: list[tuple[Candidate, str]] = []
     for name in SEED_METHODS:
         if base is not None and name == "yarn":
             values = yarn_relative_factors(layout, base.long_factor, base.target_length, target)
         else:
             values = baseline_factors(name, geometry, target).long_factor
-        seeds.append((space.snap(values, 0), name))
+        seeds.append((space.snap(genes(values), seed_start), name))
     for path in cfg.seed_factors:
         extra = load_factors(path, layout)
         values = extra.long_factor
         if base is not None:
             values = tuple(v / b for v, b in zip(values, base.long_factor, strict=True))
-        seeds.append((space.snap(values, extra.start_tokens), f"file {Path(path).name}"))
+        seeds.append((space.snap(genes(values), extra.start_tokens), f"file {Path(path).name}"))
     fingerprint = {
         "stage": "search", "model": layout.to_dict(), "target": target, "windows": windows_id,
-        "space": space.describe(), "attention": attention,
+        "space": space.describe(), "attention": attention, "critical_dim": cd,
         "base_factors": _digest(list(base.long_factor)) if base else None,
         "seeds": _digest([[*c.to_json(), o] for c, o in seeds]),
         **{k: getattr(cfg, k) for k in ("seed", "population", "survivors", "mutations", "crossovers",
@@ -214,23 +281,35 @@ def run_search(recipe: Recipe, out_dir: Path, *, resume: bool = False, lm: Loade
         >>> result = run_search(load_recipe(None, ["search.target=2k", "search.max_evals=40"]), Path("runs/s"))  # doctest: +SKIP
         >>> result.best.long_factor[:3], result.best_perplexity                                                 # doctest: +SKIP
     """
-    cfg = recipe.search
-    if cfg.target is None:
+    if recipe.search.target is None:
         raise RecipeError("search.target is not set; pass --target 256k (or set search.target in the recipe)")
-    if cfg.documents < 1:
-        raise RecipeError(f"search.documents must be at least 1, got {cfg.documents}")
-    settings = settings_from_search(recipe)
     out_dir = Path(out_dir)
-    distributed = cfg.backend == "distributed"
+    distributed = recipe.search.backend == "distributed"
     ranks = init_distributed(recipe.parallel.dist_backend, recipe.model.device)[1] if distributed else 1
     if lm is None:
         lm = load_stage_model(recipe, distributed)
     layout = lm.layout
-    target = require_target(cfg.target, layout.original_length, "search.target")
+    target = require_target(recipe.search.target, layout.original_length, "search.target")
+    recipe = replace(recipe, search=resolve_search(recipe.search, target))
+    cfg = recipe.search
+    if cfg.documents < 1:
+        raise RecipeError(f"search.documents must be at least 1, got {cfg.documents}")
+    if cfg.validate_top < 0 or (cfg.validate_documents is not None and cfg.validate_documents < 1):
+        raise RecipeError("search.validate_top must be >= 0 and search.validate_documents >= 1")
+    if cfg.attention_search_evals < 2 and cfg.attention_search:
+        raise RecipeError(f"search.attention_search_evals must be at least 2, got {cfg.attention_search_evals}")
+    settings = settings_from_search(recipe)
+    fresh = validation_windows(cfg)
     if windows is None:
-        windows = load_windows(recipe.data, lm.tokenizer, "search", target, cfg.documents)
+        windows = load_windows(recipe.data, lm.tokenizer, "search", target, cfg.documents + fresh)
     if windows.shape[-1] != target:
         raise RecipeError(f"search windows have {windows.shape[-1]} tokens, search.target is {target}")
+    if len(windows) < cfg.documents + fresh:
+        raise RecipeError(f"{len(windows)} search windows given, search.documents + validation windows = "
+                          f"{cfg.documents + fresh} needed")
+    fresh_windows = windows[:0]
+    if fresh:  # the evolution scores the first `documents` windows; re-ranking the next `fresh`, unseen by it
+        windows, fresh_windows = windows[:cfg.documents], windows[cfg.documents:cfg.documents + fresh]
     problem = search_problem(recipe, layout, target, windows_digest(windows))
     local = LocalEvaluator(lm.model, layout, windows, chunk=recipe.model.loss_chunk)
     factors_path = out_dir / FACTORS_FILE
@@ -257,15 +336,49 @@ def run_search(recipe: Recipe, out_dir: Path, *, resume: bool = False, lm: Loade
     def finish(outcome: Outcome) -> SearchResult:
         state = outcome.state
         seeds = seed_scores(problem, state)
-        best = best_factors(outcome.best, outcome.best_score, state, status="complete", stopped=state.stopped,
+        chosen, perplexity, extra = refine(outcome, state)
+        best = best_factors(chosen, state.cache[chosen], state, status="complete", stopped=state.stopped,
                             seed_perplexity=seeds, counters=state.counters,
-                            search=recipe_to_dict(recipe.search))
+                            search=recipe_to_dict(recipe.search), **extra)
+        if "attention_search" in extra:
+            best = replace(best, attention=extra["attention_search"]["attention"], attention_policy="searched")
         best.save(factors_path, layout)
-        mark_complete(out_dir, "search", factors_path, perplexity=outcome.best_score.value,
+        mark_complete(out_dir, "search", factors_path, perplexity=perplexity,
                       evaluations=state.evaluations, stopped=state.stopped, seconds=round(state.elapsed, 2))
-        return SearchResult(best=best, best_perplexity=outcome.best_score.value, evaluations=state.evaluations,
+        return SearchResult(best=best, best_perplexity=perplexity, evaluations=state.evaluations,
                             factors_path=factors_path, history=state.history, stopped=state.stopped,
                             seconds=state.elapsed, counters=dict(state.counters), seed_perplexity=seeds)
+
+    def refine(outcome: Outcome, state: SearchState) -> tuple[Candidate, float, dict[str, Any]]:
+        """Re-rank the top candidates on the fresh windows, then search the temperature (rank 0, in process)."""
+        chosen, perplexity, extra = outcome.best, outcome.best_score.value, {}
+        if not (cfg.validate_top or cfg.attention_search):
+            return chosen, perplexity, extra
+        all_windows = windows if not fresh else torch.cat([windows, fresh_windows])
+        book = ScoreBook(out_dir / REFINE_FILE, {"search": problem.fingerprint, "fresh": windows_digest(
+            fresh_windows) if fresh else None})
+        if cfg.validate_top:
+            top = [c for c in state.parents[:cfg.validate_top] if state.cache[c].complete]
+            checker = LocalEvaluator(lm.model, layout, fresh_windows, chunk=recipe.model.loss_chunk)
+            try:
+                chosen, rows = validate_top(top, problem.to_factors, checker, book)
+            finally:
+                checker.close()
+            for row, candidate in zip(rows, top, strict=True):
+                row["fitness_perplexity"] = state.cache[candidate].value
+            extra["validation"] = {"windows": fresh, "candidates": rows, "chosen_rank": top.index(chosen)}
+            perplexity = book.scores["validate " + json.dumps(chosen.to_json())]
+        if cfg.attention_search:
+            tuner = LocalEvaluator(lm.model, layout, all_windows, chunk=recipe.model.loss_chunk)
+            try:
+                tuned, trace = search_attention(problem.to_factors(chosen), tuner, book, cfg.attention_search_evals)
+            finally:
+                tuner.close()
+            if trace:
+                best_score = min(t["perplexity"] for t in trace)
+                extra["attention_search"] = {"attention": tuned.attention, "windows": len(all_windows),
+                                             "perplexity": best_score, "trace": trace}
+        return chosen, perplexity, extra
 
     started = time.monotonic()
     result = drive(problem, settings, local, out_dir, resume=resume, progress=progress, distributed=distributed,

@@ -1,0 +1,108 @@
+"""The search's paper details and LongRoPE2 additions on the tiny random Llama (original window 64): sizes above
+512k, the progressive n-hat seed, the critical dimension, validation re-ranking and the temperature search."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import replace
+
+import pytest
+
+from longrope_cli.models import load_model
+from longrope_cli.recipe import load_recipe
+from longrope_cli.rope.baselines import pi_factors
+from longrope_cli.rope.layout import RopeLayout
+from longrope_cli.search.runner import critical_pair, resolve_search, run_search, search_problem
+
+TARGET = 256
+SMALL = ["search.population=8", "search.survivors=4", "search.mutations=3", "search.crossovers=3",
+         "search.iterations=2", "search.documents=2"]
+
+
+def recipe_for(model_dir, corpus, *overrides, target=TARGET):
+    return load_recipe(None, [f"model.name={model_dir}", "model.device=cpu", f"data.corpus={corpus}",
+                              f"search.target={target}", *SMALL, *overrides])
+
+
+@pytest.fixture(scope="module")
+def lm(tiny_model_dir):
+    return load_model(str(tiny_model_dir), device="cpu")
+
+
+def read_log(out):
+    return [json.loads(line) for line in (out / "candidates.jsonl").read_text().splitlines()]
+
+
+def test_above_512k_the_paper_halves_the_sizes_unless_the_recipe_sets_them(caplog):
+    cfg = load_recipe(None, []).search
+    assert (resolve_search(cfg, 256 * 1024).population, resolve_search(cfg, 256 * 1024).documents) == (64, 5)
+    with caplog.at_level(logging.INFO):
+        big = resolve_search(cfg, 2048 * 1024)
+    assert (big.population, big.mutations, big.crossovers, big.documents) == (32, 8, 8, 3)
+    assert "above 512k" in caplog.text
+    mine = resolve_search(load_recipe(None, ["search.population=48", "search.documents=4"]).search, 2048 * 1024)
+    assert (mine.population, mine.documents, mine.mutations) == (48, 4, 8)
+
+
+def test_progressive_seeds_keep_the_fine_tuned_n_hat(lm, tiny_model_dir, tiny_corpus, tmp_path):
+    base = replace(pi_factors(lm.layout, TARGET), start_tokens=4)
+    base_path = base.save(tmp_path / "base.json", lm.layout)
+    recipe = recipe_for(tiny_model_dir, tiny_corpus, f"search.base_factors={base_path}", target=2 * TARGET)
+    problem = search_problem(recipe, lm.layout, 2 * TARGET, "w")
+    assert {c.start for c, _ in problem.seeds} == {4}
+    fixed = recipe_for(tiny_model_dir, tiny_corpus, f"search.base_factors={base_path}", "search.start_tokens=0",
+                       target=2 * TARGET)
+    assert {c.start for c, _ in search_problem(fixed, lm.layout, 2 * TARGET, "w").seeds} == {0}
+
+
+def test_critical_pair_is_the_first_never_trained_through_a_turn():
+    layout = RopeLayout(rotary_dim=64, rope_theta=10000.0, original_length=256, head_dim=64)
+    cd = critical_pair(layout)
+    periods = [2 * math.pi / t for t in layout.inv_freq().tolist()]
+    assert cd == 13 and periods[cd - 1] <= 256 < periods[cd]
+    llama2 = RopeLayout(rotary_dim=128, rope_theta=10000.0, original_length=4096, head_dim=128)
+    assert critical_pair(llama2) == 46  # LongRoPE2 writes ceil(45.03) - 1 = 45: the last pair that completes a turn
+
+
+def test_critical_dimension_shapes_every_candidate(lm, tiny_model_dir, tiny_corpus, tmp_path):
+    result = run_search(recipe_for(tiny_model_dir, tiny_corpus, "search.critical_dim=auto", "search.start_tokens=0"),
+                        tmp_path, lm=lm, progress=False)
+    cd = critical_pair(lm.layout)
+    s = TARGET / lm.layout.original_length
+    assert 0 < cd < lm.layout.pairs
+    for record in read_log(tmp_path):
+        lam = record["factors"]
+        assert len(lam) == lm.layout.pairs and all(s - 1e-9 <= v <= 1.25 * s + 1e-9 for v in lam[cd:])
+        assert lam[:cd] == pytest.approx([lam[cd] ** (i / cd) for i in range(cd)])
+        assert all(a <= b + 1e-12 for a, b in zip(lam, lam[1:], strict=False))
+    assert len(result.best.long_factor) == lm.layout.pairs
+
+
+def test_validation_re_ranks_the_top_on_fresh_windows(lm, tiny_model_dir, tiny_corpus, tmp_path):
+    result = run_search(recipe_for(tiny_model_dir, tiny_corpus, "search.validate_top=3",
+                                   "search.validate_documents=2"), tmp_path, lm=lm, progress=False)
+    validation = result.best.provenance["validation"]
+    fresh = [row["fresh_perplexity"] for row in validation["candidates"]]
+    assert validation["windows"] == 2 and len(fresh) == 3
+    assert fresh[validation["chosen_rank"]] == min(fresh) == result.best_perplexity
+    state = json.loads((tmp_path / "state.json").read_text())
+    chosen = state["parents"][validation["chosen_rank"]]
+    assert result.best.start_tokens == chosen[1]
+    # a rerun (e.g. after a kill during re-ranking) reuses the stored scores
+    refine = json.loads((tmp_path / "refine.json").read_text())
+    assert len(refine["scores"]) == 3
+
+
+def test_attention_search_picks_the_best_temperature_it_scored(lm, tiny_model_dir, tiny_corpus, tmp_path):
+    result = run_search(recipe_for(tiny_model_dir, tiny_corpus, "search.attention_search=true",
+                                   "search.attention_search_evals=6", "search.iterations=1"),
+                        tmp_path, lm=lm, progress=False)
+    record = result.best.provenance["attention_search"]
+    trace = {row["attention"]: row["perplexity"] for row in record["trace"]}
+    assert 2 <= len(trace) <= 6
+    su = math.sqrt(1 + math.log(4) / math.log(lm.layout.original_length))
+    assert all(1.0 <= a <= 2 * su - 1 + 1e-9 for a in trace)
+    assert result.best.attention == pytest.approx(min(trace, key=trace.get))
+    assert record["perplexity"] == min(trace.values())
