@@ -6,12 +6,15 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from longrope_cli.errors import ModelError
 from longrope_cli.rope.layout import RopeLayout, layout_from_config
+
+if TYPE_CHECKING:
+    from longrope_cli.rope.factors import FactorSet
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +40,14 @@ class LoadedModel:
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
+
+    @property
+    def native(self) -> FactorSet | None:
+        """The model's own RoPE as an absolute FactorSet if its config pre-scales it (llama3, yarn, longrope,
+        linear), else None; see `rope.native.native_factors`."""
+        from longrope_cli.rope.native import native_factors
+
+        return native_factors(self.model, self.layout)
 
 
 def resolve_model(name: str) -> tuple[Path, str | None]:
@@ -120,6 +131,10 @@ def load_model(
     model.to(target_device)
     model.eval()
     layout = layout_from_config(model.config, name=name, original_length=original_length)
+    if layout.prescaled:
+        from longrope_cli.rope.native import describe_native
+
+        log.info("%s", describe_native(layout))
     if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
         tokenizer.pad_token = tokenizer.eos_token
     return LoadedModel(model=model, tokenizer=tokenizer, layout=layout, name=name, path=path)

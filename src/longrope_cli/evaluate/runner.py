@@ -39,6 +39,7 @@ from longrope_cli.recipe import Recipe, recipe_to_dict
 from longrope_cli.rope.baselines import BASELINES, baseline_factors
 from longrope_cli.rope.factors import FactorSet, load_factors
 from longrope_cli.rope.layout import RopeLayout
+from longrope_cli.rope.native import native_factors
 from longrope_cli.rope.rotary import install_factors, installed_factors, remove_factors
 
 log = logging.getLogger(__name__)
@@ -60,12 +61,14 @@ class EvalMethod:
     kind: str  # "baseline" or "file"
     source: str  # the baseline name, or the factor file path as given
     factors: FactorSet | None = None  # the loaded file (kind == "file")
+    native: FactorSet | None = None  # a pre-scaled model's own factors: baselines go on top of them
 
     def factors_at(self, layout: RopeLayout, length: int) -> FactorSet:
-        """The factor set scored at `length` (baselines are regenerated for each length)."""
+        """The factor set scored at `length` (baselines are regenerated for each length; on a pre-scaled model
+        `none` is the model as shipped and the others extend it relative to its shipped window)."""
         if self.factors is not None:
             return self.factors
-        return baseline_factors(self.source, layout, length)
+        return baseline_factors(self.source, layout, length, native=self.native)
 
 
 def _file_label(path: Path) -> str:
@@ -294,7 +297,9 @@ def run_eval(recipe: Recipe, out_dir: Path, *, resume: bool = False, lm: LoadedM
         lm = load_model(m.name, dtype=m.dtype, device=m.device, attn_implementation=m.attn_implementation,
                         original_length=m.original_length, trust_remote_code=m.trust_remote_code)
     layout = lm.layout
-    methods = resolve_methods(cfg.methods, layout)
+    native = native_factors(lm.model, layout)  # None for plain RoPE: baselines relative to theta_i as always
+    methods = [dataclasses.replace(m, native=native) if m.kind == "baseline" else m
+               for m in resolve_methods(cfg.methods, layout)]
     _check_passkey_settings(recipe, lm.tokenizer)
     lengths = sorted(set(cfg.lengths))
     passkey_lengths = sorted(set(cfg.passkey_lengths))

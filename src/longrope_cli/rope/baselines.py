@@ -2,12 +2,20 @@
 
 lambda_i is the divisor of theta_i (high frequency first). The formulas follow transformers'
 `linear`, `dynamic` and `yarn` rope types exactly, which the tests check logit for logit.
+
+On a pre-scaled model (Llama-3.1, YaRN, Phi-3-128k, linear; see `rope.native`) pass its native factors to
+`baseline_factors(..., native=...)`: `none` is then the model as shipped, and PI / NTK / dynamic NTK / YaRN at
+a length L are applied on top of the native factors, relative to the shipped window W = native.target_length:
+absolute lambda_i = native_i x baseline_i(s' = L / W), attention = native attention x the baseline's own.
+YaRN's ramp reads the native wavelengths theta_i / native_i over W (`yarn_relative_factors`). At L <= W every
+baseline is the model as shipped. Short factors of a longrope model are kept: its short regime is unchanged.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import replace
 
 from longrope_cli.errors import RecipeError
 from longrope_cli.rope.factors import FactorSet, attention_factor
@@ -117,8 +125,48 @@ BASELINES: dict[str, Callable[[RopeLayout, int], FactorSet]] = {
 }
 
 
-def baseline_factors(name: str, layout: RopeLayout, target_length: int) -> FactorSet:
-    """Look up a baseline by name (none, pi, ntk, dynamic-ntk, yarn)."""
+def on_native(name: str, layout: RopeLayout, target_length: int, native: FactorSet) -> FactorSet:
+    """Baseline `name` at `target_length` on top of a pre-scaled model's native factors (see the module docstring)."""
+    if native.pairs != layout.pairs:
+        raise RecipeError(f"native factors have {native.pairs} pairs, model {layout.name!r} {layout.pairs}")
+    window = int(native.target_length or layout.shipped_window)
+    provenance = {**native.provenance, "on_native": True, "native_window": window}
+    if name == "none":
+        return replace(native, method="none", target_length=target_length, provenance=provenance)
+    if name not in BASELINES:
+        raise RecipeError(f"unknown method {name!r}; use one of {', '.join(BASELINES)} or a factor file")
+    if name == "yarn":
+        relative = yarn_relative_factors(layout, native.long_factor, window, target_length)
+        s = max(1.0, target_length / window)
+        own_attention = attention_factor("yarn", s, window)
+    else:
+        geometry = replace(layout, original_length=window)  # s' = target / shipped window
+        base = BASELINES[name](geometry, target_length)
+        relative, own_attention = base.long_factor, base.attention
+    attention = native.attention * own_attention
+    policy = native.attention_policy if own_attention == 1.0 else repr(float(attention))
+    return FactorSet(
+        long_factor=tuple(r * b for r, b in zip(relative, native.long_factor, strict=True)),
+        short_factor=native.short_factor,
+        start_tokens=native.start_tokens,
+        attention=attention,
+        attention_policy=policy,
+        target_length=target_length,
+        method=name,
+        provenance=provenance,
+    )
+
+
+def baseline_factors(name: str, layout: RopeLayout, target_length: int,
+                     native: FactorSet | None = None) -> FactorSet:
+    """Look up a baseline by name (none, pi, ntk, dynamic-ntk, yarn).
+
+    With `native` (a pre-scaled model's own factors, `rope.native.native_factors`), the baseline is applied on
+    top of them relative to the shipped window and `none` is the model as shipped; without, it is relative to
+    plain RoPE over `layout.original_length`, as always.
+    """
+    if native is not None:
+        return on_native(name, layout, target_length, native)
     try:
         return BASELINES[name](layout, target_length)
     except KeyError:

@@ -17,9 +17,12 @@ from torch import nn
 
 from longrope_cli.errors import ModelError
 from longrope_cli.rope.factors import FactorSet
-from longrope_cli.rope.layout import RopeLayout, layout_from_config
+from longrope_cli.rope.layout import PLAIN_TYPES, PRESCALED_TYPES, RopeLayout, layout_from_config
 
 log = logging.getLogger(__name__)
+
+# rope types replaced without a warning: plain RoPE, and the fixed per-pair scalings (see rope/native.py)
+EXPRESSIBLE_TYPES = (*PLAIN_TYPES, *PRESCALED_TYPES)
 
 
 class LongRopeRotaryEmbedding(nn.Module):
@@ -130,8 +133,14 @@ def install_factors(model: nn.Module, factors: FactorSet, layout: RopeLayout | N
                 f"{type(module).__name__} has {module.inv_freq.numel()} frequencies but the config implies "
                 f"{layout.pairs}; this model's rotary layout is not supported")
         rope_type = getattr(module, "rope_type", "default")
-        if rope_type not in ("default", "longrope", None):
-            log.warning("replacing %s rope scaling of %s with plain RoPE x the given factors", rope_type, attr)
+        # linear, llama3, yarn and longrope are fixed per-pair divisors of theta_i: the factors installed are
+        # absolute, and the model's own scaling is one of them (`rope.native.native_factors`, exact), so replacing
+        # the module loses nothing. dynamic recomputes its frequencies from the length, which no factor set does.
+        if rope_type not in EXPRESSIBLE_TYPES:
+            log.warning("replacing %s rope scaling of %s with plain RoPE x the given factors: %s", rope_type, attr,
+                        "its frequencies change with the length, which a factor set cannot express (the "
+                        "dynamic-ntk baseline with its factor reproduces it at one length)"
+                        if rope_type == "dynamic" else "longrope cannot express this rope type")
         replacement = LongRopeRotaryEmbedding(layout, original=module).to(module.inv_freq.device)
         replacement.set_factors(factors)
         setattr(parent, attr, replacement)

@@ -38,6 +38,7 @@ from longrope_cli.recipe import Recipe, SearchConfig, recipe_to_dict, require_ta
 from longrope_cli.rope.baselines import baseline_factors, yarn_relative_factors
 from longrope_cli.rope.factors import FactorSet, attention_factor, load_factors
 from longrope_cli.rope.layout import RopeLayout
+from longrope_cli.rope.native import native_base
 from longrope_cli.search.engine import Engine, EvolutionSettings, Outcome, Problem
 from longrope_cli.search.evaluator import (
     DistributedEvaluator,
@@ -86,7 +87,7 @@ def critical_pair(layout: RopeLayout) -> int:
     return next((i for i, period in enumerate(periods) if period > layout.original_length), layout.pairs)
 
 
-def _critical_setting(cfg: SearchConfig, layout: RopeLayout) -> int | None:
+def _critical_setting(cfg: SearchConfig, layout: RopeLayout, progressive: bool = False) -> int | None:
     text = str(cfg.critical_dim).strip().lower()
     if text in ("off", "none", "false", ""):
         return None
@@ -100,9 +101,9 @@ def _critical_setting(cfg: SearchConfig, layout: RopeLayout) -> int | None:
     if not 0 <= cd < layout.pairs:
         raise RecipeError(f"search.critical_dim={cd} must be a pair index in 0..{layout.pairs - 1} (auto: "
                           f"{critical_pair(layout)} for this model)")
-    if cfg.base_factors:
-        raise RecipeError("search.critical_dim applies to a search from the original model; set it to off with "
-                          "search.base_factors")
+    if progressive:
+        raise RecipeError("search.critical_dim applies to a search from plain RoPE; set it to off for a progressive "
+                          "search (search.base_factors, or a model whose config already scales RoPE)")
     return cd
 
 
@@ -148,17 +149,22 @@ def settings_from_search(recipe: Recipe) -> EvolutionSettings:
     ).check("search")
 
 
-def search_problem(recipe: Recipe, layout: RopeLayout, target: int, windows_id: str) -> Problem:
-    """The search space, seeds and candidate -> FactorSet mapping of `longrope search` for one model and target."""
+def search_problem(recipe: Recipe, layout: RopeLayout, target: int, windows_id: str,
+                   native: FactorSet | None = None) -> Problem:
+    """The search space, seeds and candidate -> FactorSet mapping of `longrope search` for one model and target.
+
+    `native`: a pre-scaled model's own RoPE (Llama-3.1, Phi-3-128k, ...; `rope.native.native_base`). Without
+    `search.base_factors` the search is then progressive on it, so the model is extended from what it ships."""
     cfg = recipe.search
     scale = layout.scale(target)
     base: FactorSet | None = None
     geometry = layout
-    if cfg.base_factors:
-        base = load_factors(cfg.base_factors, layout)
+    if cfg.base_factors or native is not None:
+        base = load_factors(cfg.base_factors, layout) if cfg.base_factors else native
+        what = f"search.base_factors {cfg.base_factors!r}" if cfg.base_factors else "the model's own RoPE"
         if not base.target_length or target <= base.target_length:
             raise RecipeError(
-                f"search.base_factors {cfg.base_factors!r} was made for "
+                f"{what} was made for "
                 f"{format_length(base.target_length) if base.target_length else 'an unknown length'}; a progressive "
                 f"search needs a base target below search.target={format_length(target)}")
         geometry = replace(layout, original_length=base.target_length)  # seeds relative to the fine-tuned window
@@ -173,7 +179,7 @@ def search_problem(recipe: Recipe, layout: RopeLayout, target: int, windows_id: 
     factor_max = cfg.factor_max_ratio * relative_scale
     if factor_max < cfg.factor_min:
         raise RecipeError(f"search.factor_max_ratio x s = {factor_max:g} is below search.factor_min={cfg.factor_min}")
-    cd = _critical_setting(cfg, layout)
+    cd = _critical_setting(cfg, layout, progressive=base is not None)
     if cd is None:
         space = SearchSpace(layout.pairs, cfg.factor_min, factor_max, cfg.factor_step, choices)
     else:  # only the pairs from cd on are genes, each at least s
@@ -195,7 +201,8 @@ def search_problem(recipe: Recipe, layout: RopeLayout, target: int, windows_id: 
         if base is not None:
             values = tuple(r * b for r, b in zip(values, base.long_factor, strict=True))
         return FactorSet(long_factor=values, start_tokens=candidate.start, attention=attention,
-                         attention_policy=cfg.attention, target_length=target, method="longrope")
+                         attention_policy=cfg.attention, target_length=target, method="longrope",
+                         short_factor=base.short_factor if base is not None else None)  # keep the base's short regime
 
     def genes(values: tuple[float, ...]) -> tuple[float, ...]:
         return tuple(values) if cd is None else tuple(values)[cd:]
@@ -310,7 +317,11 @@ def run_search(recipe: Recipe, out_dir: Path, *, resume: bool = False, lm: Loade
     fresh_windows = windows[:0]
     if fresh:  # the evolution scores the first `documents` windows; re-ranking the next `fresh`, unseen by it
         windows, fresh_windows = windows[:cfg.documents], windows[cfg.documents:cfg.documents + fresh]
-    problem = search_problem(recipe, layout, target, windows_digest(windows))
+    native = native_base(lm.model, layout) if layout.prescaled and not cfg.base_factors else None
+    if native is not None:
+        log.info("search: %s already scales RoPE (%s, %s): searching relative to it", layout.name, layout.rope_type,
+                 format_length(native.target_length))
+    problem = search_problem(recipe, layout, target, windows_digest(windows), native)
     local = LocalEvaluator(lm.model, layout, windows, chunk=recipe.model.loss_chunk)
     factors_path = out_dir / FACTORS_FILE
     log.info("search: %s, target %s (s = %.3g), %d x %s windows, grid %s..%s step %s, n-hat %s, %d evaluations "
@@ -320,13 +331,13 @@ def run_search(recipe: Recipe, out_dir: Path, *, resume: bool = False, lm: Loade
              else "searched", settings.planned_evaluations())
     provenance = {"stage": "search", "target": target, "seed": cfg.seed, "documents": cfg.documents,
                   "model": layout.name, "racing": cfg.racing, "ranks": ranks}
-    if cfg.base_factors:
-        provenance["base_factors"] = str(cfg.base_factors)
+    if cfg.base_factors or native is not None:
+        provenance["base_factors"] = str(cfg.base_factors) if cfg.base_factors else f"native {layout.rope_type}"
 
     def best_factors(candidate: Candidate, scored: Scored, state: SearchState, **extra: Any) -> FactorSet:
         info = {**provenance, "perplexity": scored.value, "evaluations": state.evaluations,
                 "generation": state.generation, "time": round(state.elapsed, 2), **extra}
-        if cfg.base_factors:
+        if "base_factors" in provenance:
             info["relative_factor"] = list(problem.space.values(candidate))
         return problem.to_factors(candidate).with_provenance(**info)
 
