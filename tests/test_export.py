@@ -125,3 +125,27 @@ def test_export_loads_identically_in_another_transformers(tiny_model_dir, tmp_pa
     with torch.no_grad():
         for n in (32, 200):
             torch.testing.assert_close(other[n], lm.model(ids[:, :n]).logits, atol=2e-5, rtol=1e-4)
+
+
+def test_export_never_deletes_what_it_did_not_write(tiny_model_dir, tmp_path, monkeypatch):
+    lm = load_model(str(tiny_model_dir), device="cpu")
+    factors = factor_set(lm.layout.pairs, lm.layout.original_length, 4 * lm.layout.original_length)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("precious")
+    with pytest.raises(FactorFileError, match="did not write"):
+        export(lm, factors, mine)
+    assert (mine / "notes.txt").read_text() == "precious" and sorted(p.name for p in mine.iterdir()) == ["notes.txt"]
+    foreign = tmp_path / "out.partial"
+    foreign.mkdir()
+    (foreign / "keep.txt").write_text("x")
+    with pytest.raises(FactorFileError, match="not written by longrope export"):
+        export(lm, factors, tmp_path / "out")
+    assert (foreign / "keep.txt").is_file()
+    monkeypatch.chdir(mine)
+    for here in (".", ".."):
+        with pytest.raises(FactorFileError, match="working folder"):
+            export(lm, factors, here)
+    assert (mine / "notes.txt").is_file()
+    again = export(lm, factors, tmp_path / "again")  # a previous export is replaced
+    assert export(lm, factors, again) == again and (again / "config.json").is_file()

@@ -62,6 +62,21 @@ def exportable_config(config: dict[str, Any], factors: FactorSet, layout: RopeLa
     return config
 
 
+EXPORT_MARKER = ".longrope-export"  # in every folder `export_model` writes: the only folders it may replace
+
+
+def _check_out(out: Path) -> None:
+    """Export replaces `out` as a whole, so it must be new, empty, or a previous export: never the user's files."""
+    cwd = Path.cwd().resolve()
+    if out == cwd or out in cwd.parents:
+        raise FactorFileError(f"--out {out} is the working folder or one above it; export into a new folder")
+    if out.exists() and not out.is_dir():
+        raise FactorFileError(f"--out {out} is a file; give a folder path")
+    if out.is_dir() and any(out.iterdir()) and not (out / EXPORT_MARKER).is_file():
+        raise FactorFileError(f"--out {out} already holds files that longrope export did not write; choose a new or "
+                              "empty folder (a previous export there would be replaced)")
+
+
 def export_model(model: Any, tokenizer: Any, factors: FactorSet, layout: RopeLayout, out_dir: str | Path,
                  target_length: int | None = None) -> Path:
     """Write `out_dir` (weights, tokenizer, config with longrope factors, factors.json) for plain transformers.
@@ -76,10 +91,16 @@ def export_model(model: Any, tokenizer: Any, factors: FactorSet, layout: RopeLay
             "pass --target")
     factors.check(layout, source="export")
     longrope_rope_parameters(factors, layout, target)  # refuse n-hat > 0 before writing anything
-    out = Path(out_dir)
+    out = Path(out_dir).resolve()
+    _check_out(out)
     tmp = out.with_name(out.name + ".partial")
     if tmp.exists():
+        if not (tmp / EXPORT_MARKER).is_file():
+            raise FactorFileError(f"{tmp} exists and was not written by longrope export; move it away or choose "
+                                  "another --out")
         shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    (tmp / EXPORT_MARKER).write_text("written by longrope export\n", encoding="utf-8")
     with original_rotary(model):  # save transformers' own modules, not ours
         model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
