@@ -241,11 +241,10 @@ def test_eval_none_is_the_model_as_shipped(tmp_path, tiny_tokenizer, tiny_corpus
 def test_search_on_a_prescaled_model_extends_it_from_what_it_ships(tmp_path):
     """A linear-4 model searched at 2x its shipped window: relative to the native factors (like a progressive
     search), so the PI seed is linear-8 and every candidate is native x relative."""
+    from conftest import build_tiny_tokenizer
     from longrope_cli.models import load_model
     from longrope_cli.recipe import load_recipe
     from longrope_cli.search.runner import run_search
-
-    from conftest import build_tiny_tokenizer
 
     model = tiny_llama({"rope_type": "linear", "factor": 4.0}, max_positions=256)
     model.save_pretrained(tmp_path / "m")

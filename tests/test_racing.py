@@ -32,7 +32,7 @@ class TableEvaluator(LocalEvaluator):
         self._row = 0
         return super()._group(group, limits)
 
-    def _window(self, window):
+    def _window(self, window, labels=None):
         self.forwards += 1
         nll = self.nll_of(installed_factors(self.model).long_factor, self._row)
         self._row += 1

@@ -80,6 +80,9 @@ class SearchConfig:
                                  "survivor's total: it provably cannot survive (same result, fewer forwards)")
     race_margin: float = _field(0.0, "racing: stop only when the NLL so far exceeds that total by this fraction "
                                      "more (>= 0; more conservative)")
+    fitness: Literal["perplexity", "needle"] = _field(
+        "perplexity", "perplexity: every token of the windows (the paper); needle: only the answer to a 7-digit "
+                      "number planted at a stratified depth of each window (LongRoPE2)")
     critical_dim: str = _field("off", "LongRoPE2's critical dimension: off; auto (the first pair whose period "
                                       "exceeds the original window); or a pair index. From it on lambda_i is "
                                       "searched in [s, 1.25 s], below it lambda_i = lambda_cd^(i / cd) (NTK-like)")

@@ -28,12 +28,15 @@ class PerplexityResult:
 
 
 @torch.no_grad()
-def window_nll(model: Any, input_ids: torch.Tensor, chunk: int = 1024) -> tuple[float, int]:
-    """(sum of NLL, scored tokens) for a batch of windows (B, L)."""
+def window_nll(model: Any, input_ids: torch.Tensor, chunk: int = 1024,
+               labels: torch.Tensor | None = None) -> tuple[float, int]:
+    """(sum of NLL, scored tokens) for a batch of windows (B, L); `labels` (already shifted, -100 = not scored)
+    restrict the loss to some tokens, e.g. a needle's answer."""
     device = next(model.parameters()).device
     input_ids = input_ids.to(device)
+    labels = shift_labels(input_ids) if labels is None else labels.to(device)
     hidden = decoder_of(model)(input_ids=input_ids, use_cache=False).last_hidden_state
-    total, count = chunked_nll(model, hidden, shift_labels(input_ids), chunk=chunk)
+    total, count = chunked_nll(model, hidden, labels, chunk=chunk)
     return float(total), int(count)
 
 
@@ -43,6 +46,7 @@ def score_perplexity(
     chunk: int = 1024,
     progress: bool = False,
     stop_above: float | None = None,
+    labels: torch.Tensor | None = None,
 ) -> PerplexityResult:
     """Perplexity of `windows` (N, L) under the model as it is (install factors first).
 
@@ -55,8 +59,9 @@ def score_perplexity(
     """
     total, tokens, per_window = 0.0, 0, []
     rows = list(windows) if not isinstance(windows, torch.Tensor) else list(windows.unbind(0))
-    for row in tqdm(rows, desc="perplexity", leave=False, disable=not progress):
-        nll, count = window_nll(model, row.view(1, -1), chunk=chunk)
+    for k, row in enumerate(tqdm(rows, desc="perplexity", leave=False, disable=not progress)):
+        nll, count = window_nll(model, row.view(1, -1), chunk=chunk,
+                                labels=None if labels is None else labels[k].view(1, -1))
         if not math.isfinite(nll):
             return PerplexityResult(math.inf, math.inf, tokens + count, per_window + [math.inf])
         total += nll

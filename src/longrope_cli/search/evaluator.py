@@ -92,11 +92,13 @@ class LocalEvaluator(Evaluator):
     """
 
     def __init__(self, model: Any, layout: RopeLayout, windows: torch.Tensor | Sequence[torch.Tensor],
-                 chunk: int = 1024) -> None:
+                 chunk: int = 1024, labels: torch.Tensor | None = None) -> None:
         self.model = model
         self.layout = layout
         self.groups = _as_groups(windows)
         self.chunk = chunk
+        # Per-token targets of a single group (the needle fitness scores only the answer); None = every token.
+        self.labels = labels
         self._previous = installed_factors(model)
         self._installed = False
 
@@ -109,7 +111,8 @@ class LocalEvaluator(Evaluator):
         after any window whose running perplexity exceeds that prefix's limit."""
         nll, tokens, per_window = 0.0, 0, []
         for k in range(len(group)):
-            result = self._window(group[k:k + 1])
+            labels = None if self.labels is None or len(self.groups) > 1 else self.labels[k:k + 1]
+            result = self._window(group[k:k + 1], labels)
             per_window.append(result.perplexity)
             if not result.finite:
                 return math.inf, per_window, k == len(group) - 1
@@ -120,9 +123,9 @@ class LocalEvaluator(Evaluator):
                 return running, per_window, False
         return (math.exp(nll / tokens) if nll / tokens < 700 else math.inf), per_window, True
 
-    def _window(self, window: torch.Tensor) -> PerplexityResult:
+    def _window(self, window: torch.Tensor, labels: torch.Tensor | None = None) -> PerplexityResult:
         """One window's perplexity with the installed factors (tests override it with a known function)."""
-        return score_perplexity(self.model, window, chunk=self.chunk)
+        return score_perplexity(self.model, window, chunk=self.chunk, labels=labels)
 
     def score(self, factors: FactorSet, stop_above: Limit = None) -> Fitness:
         started = time.perf_counter()

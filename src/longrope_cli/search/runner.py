@@ -50,6 +50,7 @@ from longrope_cli.search.evaluator import (
     local_gpu,
 )
 from longrope_cli.search.evolution import Candidate, SearchSpace
+from longrope_cli.search.needle import needle_windows
 from longrope_cli.search.refine import REFINE_FILE, ScoreBook, search_attention, validate_top
 from longrope_cli.search.state import Scored, SearchState
 
@@ -224,7 +225,7 @@ def search_problem(recipe: Recipe, layout: RopeLayout, target: int, windows_id: 
         seeds.append((space.snap(genes(values), extra.start_tokens), f"file {Path(path).name}"))
     fingerprint = {
         "stage": "search", "model": layout.to_dict(), "target": target, "windows": windows_id,
-        "space": space.describe(), "attention": attention, "critical_dim": cd,
+        "space": space.describe(), "attention": attention, "critical_dim": cd, "fitness": cfg.fitness,
         "base_factors": _digest(list(base.long_factor)) if base else None,
         "seeds": _digest([[*c.to_json(), o] for c, o in seeds]),
         **{k: getattr(cfg, k) for k in ("seed", "population", "survivors", "mutations", "crossovers",
@@ -317,12 +318,17 @@ def run_search(recipe: Recipe, out_dir: Path, *, resume: bool = False, lm: Loade
     fresh_windows = windows[:0]
     if fresh:  # the evolution scores the first `documents` windows; re-ranking the next `fresh`, unseen by it
         windows, fresh_windows = windows[:cfg.documents], windows[cfg.documents:cfg.documents + fresh]
+    labels = fresh_labels = None
+    if cfg.fitness == "needle":
+        windows, labels = needle_windows(windows, lm.tokenizer, cfg.seed)
+        if fresh:
+            fresh_windows, fresh_labels = needle_windows(fresh_windows, lm.tokenizer, cfg.seed, stratum_offset=1)
     native = native_base(lm.model, layout) if layout.prescaled and not cfg.base_factors else None
     if native is not None:
         log.info("search: %s already scales RoPE (%s, %s): searching relative to it", layout.name, layout.rope_type,
                  format_length(native.target_length))
     problem = search_problem(recipe, layout, target, windows_digest(windows), native)
-    local = LocalEvaluator(lm.model, layout, windows, chunk=recipe.model.loss_chunk)
+    local = LocalEvaluator(lm.model, layout, windows, chunk=recipe.model.loss_chunk, labels=labels)
     factors_path = out_dir / FACTORS_FILE
     log.info("search: %s, target %s (s = %.3g), %d x %s windows, grid %s..%s step %s, n-hat %s, %d evaluations "
              "planned", layout.name, format_length(target), layout.scale(target), len(windows),
@@ -366,11 +372,13 @@ def run_search(recipe: Recipe, out_dir: Path, *, resume: bool = False, lm: Loade
         if not (cfg.validate_top or cfg.attention_search):
             return chosen, perplexity, extra
         all_windows = windows if not fresh else torch.cat([windows, fresh_windows])
+        all_labels = None if labels is None else labels if not fresh else torch.cat([labels, fresh_labels])
         book = ScoreBook(out_dir / REFINE_FILE, {"search": problem.fingerprint, "fresh": windows_digest(
             fresh_windows) if fresh else None})
         if cfg.validate_top:
             top = [c for c in state.parents[:cfg.validate_top] if state.cache[c].complete]
-            checker = LocalEvaluator(lm.model, layout, fresh_windows, chunk=recipe.model.loss_chunk)
+            checker = LocalEvaluator(lm.model, layout, fresh_windows, chunk=recipe.model.loss_chunk,
+                                     labels=fresh_labels)
             try:
                 chosen, rows = validate_top(top, problem.to_factors, checker, book)
             finally:
@@ -380,7 +388,7 @@ def run_search(recipe: Recipe, out_dir: Path, *, resume: bool = False, lm: Loade
             extra["validation"] = {"windows": fresh, "candidates": rows, "chosen_rank": top.index(chosen)}
             perplexity = book.scores["validate " + json.dumps(chosen.to_json())]
         if cfg.attention_search:
-            tuner = LocalEvaluator(lm.model, layout, all_windows, chunk=recipe.model.loss_chunk)
+            tuner = LocalEvaluator(lm.model, layout, all_windows, chunk=recipe.model.loss_chunk, labels=all_labels)
             try:
                 tuned, trace = search_attention(problem.to_factors(chosen), tuner, book, cfg.attention_search_evals)
             finally:
