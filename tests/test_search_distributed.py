@@ -14,7 +14,10 @@ from longrope_cli.recipe import load_recipe
 from longrope_cli.search.runner import run_search
 
 SEARCH = ["search.population=8", "search.survivors=4", "search.mutations=3", "search.crossovers=3",
-          "search.iterations=2", "search.documents=2", "search.racing=true", "search.seed=3"]
+          "search.iterations=2", "search.documents=2", "search.racing=true", "search.seed=3",
+          # what runs after the evolution is spread over the ranks too (rank 0 alone would idle the others)
+          "search.validate_top=3", "search.validate_documents=2", "search.attention_search=true",
+          "search.attention_search_evals=4"]
 
 
 def test_two_gloo_ranks_match_the_local_search(tiny_model_dir, tiny_corpus, tmp_path):
@@ -42,8 +45,10 @@ def test_two_gloo_ranks_match_the_local_search(tiny_model_dir, tiny_corpus, tmp_
     assert distributed["provenance"]["ranks"] == 2
     assert distributed["long_factor"] == list(local.best.long_factor)
     assert distributed["start_tokens"] == local.best.start_tokens
-    assert distributed["provenance"]["perplexity"] == local.best_perplexity
+    assert distributed["provenance"]["perplexity"] == local.best.provenance["perplexity"]
     assert distributed["provenance"]["evaluations"] == local.evaluations
+    assert distributed["attention"]["factor"] == local.best.attention
+    assert distributed["provenance"]["validation"] == local.best.provenance["validation"]
     dist_log = [json.loads(line) for line in (out / "candidates.jsonl").read_text().splitlines()]
     local_log = [json.loads(line) for line in (tmp_path / "local" / "candidates.jsonl").read_text().splitlines()]
     strip = ("seconds",)

@@ -19,23 +19,38 @@ from longrope_cli.errors import LongRopeError, RecipeError
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+# A recipe argument: a YAML file, or the name of a bundled recipe (`longrope recipe ls`).
+RECIPE_ARGS = "[RECIPE.yaml|NAME] [KEY=VALUE]..."
+
 
 def split_recipe_args(args: tuple[str, ...]) -> tuple[str | None, list[str]]:
-    """`[RECIPE.yaml] [key=value ...]` -> (recipe path or None, overrides)."""
+    """`[RECIPE.yaml | NAME] [key=value ...]` -> (recipe argument or None, overrides). NAME, a bare word that
+    is not an existing file, is a bundled recipe (`longrope recipe ls`); load it with `recipe_file`."""
+    from longrope_cli.bundled import bundled_names, bundled_recipes, is_bare_name
+
     recipe, overrides = None, []
     for arg in args:
         if "=" in arg:
             overrides.append(arg)
-        elif arg.endswith((".yaml", ".yml")) and recipe is None:
+        elif recipe is None and (arg.endswith((".yaml", ".yml")) or Path(arg).is_file()
+                                 or (is_bare_name(arg) and arg in bundled_recipes())):
             recipe = arg
         else:
-            raise RecipeError(f"unexpected argument {arg!r}: give an optional RECIPE.yaml then key=value overrides")
+            raise RecipeError(f"unexpected argument {arg!r}: give an optional RECIPE.yaml or bundled recipe name "
+                              f"({bundled_names()}), then key=value overrides")
     return recipe, overrides
 
 
+def recipe_file(recipe: str | None) -> Path | None:
+    """The file a recipe argument names: itself, or the bundled recipe of that name."""
+    from longrope_cli.bundled import resolve_recipe
+
+    return None if recipe is None else resolve_recipe(recipe)
+
+
 def recipe_arguments(func: Callable) -> Callable:
-    """Add `[RECIPE.yaml] [key=value ...]` and the shared --model / --out / --device flags."""
-    func = click.argument("args", nargs=-1, metavar="[RECIPE.yaml] [KEY=VALUE]...")(func)
+    """Add `[RECIPE.yaml | NAME] [key=value ...]` and the shared --model / --out / --device flags."""
+    func = click.argument("args", nargs=-1, metavar=RECIPE_ARGS)(func)
     func = click.option("--device", default=None, help="auto, cpu, cuda, cuda:1 (recipe: model.device).")(func)
     func = click.option("--out", "out", default=None, type=click.Path(file_okay=False),
                         help="Output folder for this stage (recipe: output.dir).")(func)
@@ -49,7 +64,7 @@ def build_stage_recipe(args: tuple[str, ...], flags: dict[str, Any]):
     from longrope_cli.recipe import load_recipe
 
     path, overrides = split_recipe_args(args)
-    return load_recipe(path, overrides, flags)
+    return load_recipe(recipe_file(path), overrides, flags)
 
 
 def setup_logging(out_dir: str | Path | None = None, verbose: bool = False) -> None:

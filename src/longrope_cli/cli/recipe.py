@@ -1,45 +1,107 @@
-"""`longrope recipe`: show the resolved recipe, validate it, or list every key with its meaning."""
+"""`longrope recipe`: list and copy out the bundled recipes, show the resolved recipe, validate it, or list
+every key with its meaning."""
 
 from __future__ import annotations
+
+import shutil
+from pathlib import Path
 
 import click
 import yaml
 
-from longrope_cli.cli.common import split_recipe_args, user_errors
+from longrope_cli.cli.common import RECIPE_ARGS, recipe_file, split_recipe_args, user_errors
+from longrope_cli.errors import RecipeError
 
 EPILOG = """\b
 Examples:
-  $ longrope recipe show recipes/tiny.yaml search.population=8
+  $ longrope recipe ls                                     # the bundled recipes
+  $ longrope recipe cp tiny my-tiny.yaml                   # copy one out to edit it
+  $ longrope recipe show tiny search.population=8          # a bundled name or a file
   $ longrope recipe validate recipes/llama2-7b-2m.yaml
   $ longrope recipe fields
+\b
+Wherever a RECIPE.yaml is accepted, a bare NAME that is not an existing file is the bundled recipe
+of that name: `longrope run tiny` works from any folder.
+"""
+
+LS_EPILOG = """\b
+Examples:
+  $ longrope recipe ls
+  $ longrope run tiny --dry-run                            # run one by name
+"""
+
+CP_EPILOG = """\b
+Examples:
+  $ longrope recipe cp tiny my-tiny.yaml
+  $ longrope recipe cp llama2-7b-2m configs/                # into a folder: configs/llama2-7b-2m.yaml
+  $ longrope recipe cp tiny my-tiny.yaml --force           # overwrite
+  $ longrope run my-tiny.yaml
 """
 
 
 @click.group(epilog=EPILOG)
 def recipe() -> None:
-    """Inspect recipe files (YAML; precedence: defaults < file < key=value < flags)."""
+    """List, copy, show and validate recipes (YAML; precedence: defaults < file < key=value < flags)."""
+
+
+@recipe.command(name="ls", epilog=LS_EPILOG)
+@user_errors
+def ls() -> None:
+    """List the bundled recipes: name and the first line of each file's header."""
+    from longrope_cli.bundled import bundled_recipes, recipe_title
+
+    found = bundled_recipes()
+    if not found:
+        raise RecipeError("no bundled recipes found in the installed package; reinstall longrope-cli")
+    width = max(len(name) for name in found)
+    for name, path in found.items():
+        click.echo(f"{name:<{width}}  {recipe_title(path)}".rstrip())
+
+
+@recipe.command(name="cp", epilog=CP_EPILOG)
+@click.argument("name", metavar="NAME")
+@click.argument("dest", metavar="FILE", type=click.Path(dir_okay=True))
+@click.option("--force", is_flag=True, help="Overwrite FILE if it exists.")
+@user_errors
+def cp(name: str, dest: str, force: bool) -> None:
+    """Copy the bundled recipe NAME to FILE (a folder: FOLDER/NAME.yaml) to edit and run it."""
+    from longrope_cli.bundled import SUFFIXES, find_bundled
+
+    source = find_bundled(name[: -len(Path(name).suffix)] if name.endswith(SUFFIXES) else name)
+    target = Path(dest)
+    if target.is_dir():
+        target = target / source.name
+    if target.exists() and not force:
+        raise RecipeError(f"{str(target)!r} exists; pass --force to overwrite it")
+    if not target.parent.is_dir():
+        raise RecipeError(f"folder {str(target.parent)!r} does not exist; create it first")
+    try:
+        shutil.copyfile(source, target)
+    except OSError as err:
+        raise RecipeError(f"cannot write {str(target)!r}: {err.strerror or err}") from None
+    click.echo(f"copied {source.stem} to {target}")
 
 
 @recipe.command()
-@click.argument("args", nargs=-1, metavar="[RECIPE.yaml] [KEY=VALUE]...")
+@click.argument("args", nargs=-1, metavar=RECIPE_ARGS)
 @user_errors
 def show(args: tuple[str, ...]) -> None:
     """Print the fully resolved recipe (defaults filled in, overrides applied)."""
     from longrope_cli.recipe import load_recipe, recipe_to_dict
 
     path, overrides = split_recipe_args(args)
-    click.echo(yaml.safe_dump(recipe_to_dict(load_recipe(path, overrides)), sort_keys=False), nl=False)
+    click.echo(yaml.safe_dump(recipe_to_dict(load_recipe(recipe_file(path), overrides)), sort_keys=False), nl=False)
 
 
 @recipe.command()
-@click.argument("args", nargs=-1, required=True, metavar="RECIPE.yaml [KEY=VALUE]...")
+@click.argument("args", nargs=-1, required=True, metavar="RECIPE.yaml|NAME [KEY=VALUE]...")
 @user_errors
 def validate(args: tuple[str, ...]) -> None:
     """Check a recipe: unknown keys, wrong types and bad lengths are one-line errors (exit 2)."""
     from longrope_cli.recipe import load_recipe
 
     path, overrides = split_recipe_args(args)
-    resolved = load_recipe(path, overrides)
+    resolved = load_recipe(recipe_file(path), overrides)
     stages = ", ".join(s.name for s in resolved.stages) or "no stages"
     click.echo(f"ok: {path or 'defaults'} ({stages})")
 

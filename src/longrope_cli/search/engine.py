@@ -109,6 +109,8 @@ class Outcome:
     state: SearchState
     session_evaluations: int
     session_seconds: float
+    # Scorers of other window sets by name (e.g. "fresh"), set by the driver for what runs after the evolution.
+    pool: Callable[[str], Evaluator] | None = None
 
 
 OnGeneration = Callable[[Candidate, Scored, SearchState], None]

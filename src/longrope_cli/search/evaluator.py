@@ -247,38 +247,43 @@ class DistributedEvaluator(Evaluator):
     its share of each batch until rank 0 shuts down and then returns rank 0's payload.
     """
 
-    def __init__(self, local: LocalEvaluator) -> None:
+    def __init__(self, local: LocalEvaluator, pools: dict[str, LocalEvaluator] | None = None) -> None:
         import torch.distributed as dist
 
         if not dist.is_initialized():
             raise RuntimeError("DistributedEvaluator needs an initialised process group (init_distributed)")
         self.dist = dist
         self.local = local
+        # Other window sets every rank can score on (the search's fresh validation windows): rank 0 names one.
+        self.pools = {"fitness": local, **(pools or {})}
         self.rank = dist.get_rank()
         self.world = dist.get_world_size()
         self.parallelism = self.world
         self.scored = 0  # candidates this rank scored
 
-    def _share(self, factor_sets: Sequence[FactorSet], stop_above: Limit) -> list[tuple[int, Fitness]]:
-        mine = [(j, self.local.score(factor_sets[j], stop_above)) for j in range(self.rank, len(factor_sets), self.world)]
+    def _share(self, factor_sets: Sequence[FactorSet], stop_above: Limit, pool: str = "fitness"
+               ) -> list[tuple[int, Fitness]]:
+        scorer = self.pools[pool]
+        mine = [(j, scorer.score(factor_sets[j], stop_above)) for j in range(self.rank, len(factor_sets), self.world)]
         self.scored += len(mine)
         return mine
 
     def _round(self, message: tuple) -> list[list[tuple[int, Fitness]]] | None:
         box = [message]
         self.dist.broadcast_object_list(box, src=0)
-        kind, factor_sets, stop_above = box[0]
+        kind, factor_sets, stop_above, pool = box[0]
         if kind == "stop":
             return None
-        mine = self._share(factor_sets, stop_above)
+        mine = self._share(factor_sets, stop_above, pool)
         gathered: list[Any] = [None] * self.world if self.rank == 0 else None
         self.dist.gather_object(mine, gathered, dst=0)
         return gathered
 
-    def evaluate(self, factor_sets: Sequence[FactorSet], stop_above: Limit = None) -> list[Fitness]:
+    def evaluate(self, factor_sets: Sequence[FactorSet], stop_above: Limit = None, pool: str = "fitness"
+                 ) -> list[Fitness]:
         if self.rank != 0:
             raise RuntimeError("only rank 0 calls evaluate(); other ranks call serve()")
-        gathered = self._round(("score", list(factor_sets), stop_above))
+        gathered = self._round(("score", list(factor_sets), stop_above, pool))
         out: list[Fitness | None] = [None] * len(factor_sets)
         for part in gathered or []:
             for j, fit in part:
@@ -291,17 +296,30 @@ class DistributedEvaluator(Evaluator):
         while True:
             box: list[Any] = [None]
             self.dist.broadcast_object_list(box, src=0)
-            kind, payload, stop_above = box[0]
+            kind, payload, stop_above, pool = box[0]
             if kind == "stop":
                 log.info("rank %d of %d: scored %d candidates", self.rank, self.world, self.scored)
                 return payload
-            mine = self._share(payload, stop_above)
+            mine = self._share(payload, stop_above, pool)
             self.dist.gather_object(mine, None, dst=0)
 
     def shutdown(self, payload: Any = None) -> None:
         """Rank 0: release the other ranks from `serve()`, handing them `payload`."""
         if self.rank == 0:
-            self.dist.broadcast_object_list([("stop", payload, None)], src=0)
+            self.dist.broadcast_object_list([("stop", payload, None, None)], src=0)
 
     def close(self) -> None:
-        self.local.close()
+        for scorer in self.pools.values():
+            scorer.close()
+
+
+class PoolEvaluator(Evaluator):
+    """One named window set of a `DistributedEvaluator`, as an Evaluator (rank 0 only)."""
+
+    def __init__(self, distributed: DistributedEvaluator, pool: str) -> None:
+        self.distributed = distributed
+        self.pool = pool
+        self.parallelism = distributed.parallelism
+
+    def evaluate(self, factor_sets: Sequence[FactorSet], stop_above: Limit = None) -> list[Fitness]:
+        return self.distributed.evaluate(factor_sets, stop_above, pool=self.pool)

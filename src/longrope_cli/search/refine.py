@@ -61,13 +61,18 @@ def validate_top(candidates: Sequence[Candidate], to_factors: Callable[[Candidat
                  evaluator: Evaluator, book: ScoreBook) -> tuple[Candidate, list[dict[str, Any]]]:
     """The candidate with the lowest perplexity on the fresh windows (ties: the evolution's order), and a
     record per candidate for the provenance."""
+    keys = ["validate " + json.dumps(c.to_json()) for c in candidates]
+    missing = [k for k, key in enumerate(keys) if key not in book.scores]
+    batch = max(1, int(getattr(evaluator, "parallelism", 1)))  # one candidate per rank at a time
+    for start in range(0, len(missing), batch):
+        part = missing[start:start + batch]
+        for k, fit in zip(part, evaluator.evaluate([to_factors(candidates[k]) for k in part]), strict=True):
+            book.score(keys[k], lambda f=fit: f)
     rows = []
-    for rank, candidate in enumerate(candidates):
-        key = "validate " + json.dumps(candidate.to_json())
-        value = book.score(key, lambda c=candidate: evaluator.evaluate([to_factors(c)])[0])
+    for rank, key in enumerate(keys):
+        value = book.scores[key]
         rows.append({"rank": rank, "fresh_perplexity": value if math.isfinite(value) else "inf"})
-        log.info("validation: candidate %d of %d (evolution rank %d): %.4f on fresh windows", rank + 1,
-                 len(candidates), rank, value)
+        log.info("validation: evolution rank %d: %.4f on fresh windows", rank, value)
     best = min(range(len(candidates)), key=lambda k: (book.scores["validate " + json.dumps(
         candidates[k].to_json())], k))
     return candidates[best], rows

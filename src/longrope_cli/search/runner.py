@@ -44,6 +44,7 @@ from longrope_cli.search.evaluator import (
     DistributedEvaluator,
     Evaluator,
     LocalEvaluator,
+    PoolEvaluator,
     distributed_env,
     init_distributed,
     is_main_process,
@@ -257,9 +258,16 @@ def seed_scores(problem: Problem, state: SearchState) -> dict[str, float]:
 
 def drive(problem: Problem, settings: EvolutionSettings, local: LocalEvaluator, out_dir: Path, *, resume: bool,
           progress: bool, distributed: bool, finish: Callable[[Outcome], SearchResult],
-          write_best: Callable[[Candidate, Scored, SearchState], None]) -> SearchResult:
-    """Run the engine on rank 0 (every rank scores); all ranks return rank 0's result."""
-    evaluator: Evaluator = DistributedEvaluator(local) if distributed else local
+          write_best: Callable[[Candidate, Scored, SearchState], None],
+          pools: dict[str, LocalEvaluator] | None = None) -> SearchResult:
+    """Run the engine on rank 0 (every rank scores); all ranks return rank 0's result. `pools`: other window
+    sets that `finish` may score on through `outcome.pool(name)`, spread over the ranks like the evolution."""
+    pools = pools or {}
+    evaluator: Evaluator = DistributedEvaluator(local, pools) if distributed else local
+
+    def pool(name: str) -> Evaluator:
+        return PoolEvaluator(evaluator, name) if distributed else pools[name]  # type: ignore[arg-type]
+
     try:
         if distributed and evaluator.rank != 0:  # type: ignore[attr-defined]
             payload = evaluator.serve()  # type: ignore[attr-defined]
@@ -269,6 +277,7 @@ def drive(problem: Problem, settings: EvolutionSettings, local: LocalEvaluator, 
         try:
             outcome = Engine(problem, settings, evaluator, out_dir, resume=resume, progress=progress,
                              on_generation=write_best).run()
+            outcome.pool = pool
             result = finish(outcome)
         except BaseException as err:
             if distributed:
@@ -278,7 +287,8 @@ def drive(problem: Problem, settings: EvolutionSettings, local: LocalEvaluator, 
             evaluator.shutdown(result)  # type: ignore[attr-defined]
         return result
     finally:
-        local.close()
+        for scorer in (*pools.values(), local):
+            scorer.close()
 
 
 def run_search(recipe: Recipe, out_dir: Path, *, resume: bool = False, lm: LoadedModel | None = None,
@@ -328,7 +338,15 @@ def run_search(recipe: Recipe, out_dir: Path, *, resume: bool = False, lm: Loade
         log.info("search: %s already scales RoPE (%s, %s): searching relative to it", layout.name, layout.rope_type,
                  format_length(native.target_length))
     problem = search_problem(recipe, layout, target, windows_digest(windows), native)
-    local = LocalEvaluator(lm.model, layout, windows, chunk=recipe.model.loss_chunk, labels=labels)
+    chunk = recipe.model.loss_chunk
+    local = LocalEvaluator(lm.model, layout, windows, chunk=chunk, labels=labels)
+    pools: dict[str, LocalEvaluator] = {}
+    if fresh:
+        pools["fresh"] = LocalEvaluator(lm.model, layout, fresh_windows, chunk=chunk, labels=fresh_labels)
+    if cfg.attention_search:  # the temperature is one number: it may see every search window
+        pools["all"] = LocalEvaluator(
+            lm.model, layout, torch.cat([windows, fresh_windows]) if fresh else windows, chunk=chunk,
+            labels=None if labels is None else torch.cat([labels, fresh_labels]) if fresh else labels)
     factors_path = out_dir / FACTORS_FILE
     log.info("search: %s, target %s (s = %.3g), %d x %s windows, grid %s..%s step %s, n-hat %s, %d evaluations "
              "planned", layout.name, format_length(target), layout.scale(target), len(windows),
@@ -371,37 +389,27 @@ def run_search(recipe: Recipe, out_dir: Path, *, resume: bool = False, lm: Loade
         chosen, perplexity, extra = outcome.best, outcome.best_score.value, {}
         if not (cfg.validate_top or cfg.attention_search):
             return chosen, perplexity, extra
-        all_windows = windows if not fresh else torch.cat([windows, fresh_windows])
-        all_labels = None if labels is None else labels if not fresh else torch.cat([labels, fresh_labels])
         book = ScoreBook(out_dir / REFINE_FILE, {"search": problem.fingerprint, "fresh": windows_digest(
             fresh_windows) if fresh else None})
         if cfg.validate_top:
             top = [c for c in state.parents[:cfg.validate_top] if state.cache[c].complete]
-            checker = LocalEvaluator(lm.model, layout, fresh_windows, chunk=recipe.model.loss_chunk,
-                                     labels=fresh_labels)
-            try:
-                chosen, rows = validate_top(top, problem.to_factors, checker, book)
-            finally:
-                checker.close()
+            chosen, rows = validate_top(top, problem.to_factors, outcome.pool("fresh"), book)
             for row, candidate in zip(rows, top, strict=True):
                 row["fitness_perplexity"] = state.cache[candidate].value
             extra["validation"] = {"windows": fresh, "candidates": rows, "chosen_rank": top.index(chosen)}
             perplexity = book.scores["validate " + json.dumps(chosen.to_json())]
         if cfg.attention_search:
-            tuner = LocalEvaluator(lm.model, layout, all_windows, chunk=recipe.model.loss_chunk, labels=all_labels)
-            try:
-                tuned, trace = search_attention(problem.to_factors(chosen), tuner, book, cfg.attention_search_evals)
-            finally:
-                tuner.close()
+            tuned, trace = search_attention(problem.to_factors(chosen), outcome.pool("all"), book,
+                                            cfg.attention_search_evals)
             if trace:
                 best_score = min(t["perplexity"] for t in trace)
-                extra["attention_search"] = {"attention": tuned.attention, "windows": len(all_windows),
+                extra["attention_search"] = {"attention": tuned.attention, "windows": cfg.documents + fresh,
                                              "perplexity": best_score, "trace": trace}
         return chosen, perplexity, extra
 
     started = time.monotonic()
     result = drive(problem, settings, local, out_dir, resume=resume, progress=progress, distributed=distributed,
-                   finish=finish, write_best=write_best)
+                   finish=finish, write_best=write_best, pools=pools)
     if not distributed or is_main_process():
         log.info("search finished in %.1f s: perplexity %.4f at %s, factors in %s", time.monotonic() - started,
                  result.best_perplexity, format_length(target), result.factors_path)
