@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import subprocess
@@ -31,8 +32,21 @@ def atomic_write_text(path: str | Path, text: str) -> None:
         raise
 
 
+def strict_json(data: Any) -> Any:
+    """`data` with every non-finite float written as the string "inf", "-inf" or "nan": JSON has no such numbers
+    and most readers reject Python's `Infinity` / `NaN`."""
+    if isinstance(data, float) and not math.isfinite(data):
+        return "nan" if math.isnan(data) else ("inf" if data > 0 else "-inf")
+    if isinstance(data, dict):
+        return {key: strict_json(value) for key, value in data.items()}
+    if isinstance(data, list | tuple):
+        return [strict_json(value) for value in data]
+    return data
+
+
 def atomic_write_json(path: str | Path, data: Any) -> None:
-    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
+    """Strict JSON (no Infinity / NaN), written atomically."""
+    atomic_write_text(path, json.dumps(strict_json(data), indent=2, sort_keys=False, allow_nan=False) + "\n")
 
 
 def git_revision() -> str:

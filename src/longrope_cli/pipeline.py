@@ -29,6 +29,7 @@ from typing import Any
 
 import yaml
 
+from longrope_cli.bundled import resolve_recipe
 from longrope_cli.errors import RecipeError
 from longrope_cli.outputs import (
     COMPLETE_MARKER,
@@ -150,8 +151,9 @@ def _status(out: Path) -> str:
 
 def plan_pipeline(recipe_path: str | Path, overrides: Sequence[str] = (), *,
                   out_root: str | Path | None = None) -> tuple[Path, list[Stage]]:
-    """Resolve every stage's recipe and folder (validating all of them before anything runs)."""
-    raw = read_recipe_file(recipe_path)
+    """Resolve every stage's recipe and folder (validating all of them before anything runs). recipe_path is a
+    file or the name of a bundled recipe (longrope_cli.bundled); stage commands repeat it as given."""
+    raw = read_recipe_file(resolve_recipe(recipe_path))
     names = [str(s.get("name", "")) if isinstance(s, dict) else "" for s in raw.get("stages") or []]
     stage_cli: dict[str, list[str]] = {n: [] for n in names}
     global_cli = []

@@ -29,7 +29,7 @@ SHORT_HELP = {
     "eval": "Perplexity across lengths and passkey retrieval vs PI / NTK / YaRN.",
     "export": "Write a Hugging Face model directory that plain transformers loads.",
     "run": "Run a recipe's stages in order (resumes completed stages).",
-    "recipe": "Show, validate and document recipe files.",
+    "recipe": "List, copy, show, validate and document recipes (bundled or files).",
 }
 
 
@@ -55,6 +55,7 @@ Examples:
   $ longrope eval --model testbed --lengths 256,512,1k,2k --methods none,pi,yarn,runs/search-2k/factors.json
   $ longrope finetune recipes/tiny.yaml --factors runs/search-2k/factors.json --target 2k
   $ longrope run recipes/tiny.yaml            # the whole progressive pipeline
+  $ longrope run tiny --dry-run               # a bundled recipe by name (longrope recipe ls / recipe cp)
   $ longrope recipe validate recipes/llama2-7b-2m.yaml search.population=32
 """
 
@@ -64,7 +65,7 @@ Examples:
 def cli() -> None:
     """LongRoPE context-window extension for Hugging Face RoPE models.
 
-    Every stage takes an optional RECIPE.yaml, then key=value overrides, then flags;
+    Every stage takes an optional RECIPE.yaml (or a bundled recipe's NAME), then key=value overrides, then flags;
     precedence: defaults < recipe < key=value < flags.
     """
 

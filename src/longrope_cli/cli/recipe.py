@@ -44,7 +44,7 @@ def recipe() -> None:
     """List, copy, show and validate recipes (YAML; precedence: defaults < file < key=value < flags)."""
 
 
-@recipe.command(name="ls", epilog=LS_EPILOG)
+@recipe.command(name="ls", epilog=LS_EPILOG, short_help="List the bundled recipes.")
 @user_errors
 def ls() -> None:
     """List the bundled recipes: name and the first line of each file's header."""
@@ -58,9 +58,9 @@ def ls() -> None:
         click.echo(f"{name:<{width}}  {recipe_title(path)}".rstrip())
 
 
-@recipe.command(name="cp", epilog=CP_EPILOG)
+@recipe.command(name="cp", epilog=CP_EPILOG, short_help="Copy a bundled recipe to a file.")
 @click.argument("name", metavar="NAME")
-@click.argument("dest", metavar="FILE", type=click.Path(dir_okay=True))
+@click.argument("dest", metavar="FILE")
 @click.option("--force", is_flag=True, help="Overwrite FILE if it exists.")
 @user_errors
 def cp(name: str, dest: str, force: bool) -> None:
@@ -71,6 +71,8 @@ def cp(name: str, dest: str, force: bool) -> None:
     target = Path(dest)
     if target.is_dir():
         target = target / source.name
+    elif dest.endswith(("/", "\\")):
+        raise RecipeError(f"folder {dest!r} does not exist; create it first")
     if target.exists() and not force:
         raise RecipeError(f"{str(target)!r} exists; pass --force to overwrite it")
     if not target.parent.is_dir():

@@ -8,6 +8,7 @@ from longrope_cli.cli.common import setup_logging, user_errors
 
 EPILOG = """\b
 Examples:
+  $ longrope run tiny                                       # a bundled recipe by name (longrope recipe ls)
   $ longrope run recipes/tiny.yaml                          # search -> finetune -> search -> readjust -> eval
   $ longrope run recipes/tiny.yaml --dry-run                # the stages, their folders and commands
   $ longrope run recipes/tiny.yaml finetune.steps=10        # for every stage
@@ -22,7 +23,7 @@ are skipped, so rerunning a killed pipeline resumes it; delete a stage folder to
 
 
 @click.command(epilog=EPILOG)
-@click.argument("recipe_path", metavar="RECIPE.yaml")
+@click.argument("recipe_path", metavar="RECIPE.yaml|NAME")
 @click.argument("overrides", nargs=-1, metavar="[KEY=VALUE | STAGE.KEY=VALUE]...")
 @click.option("--out", default=None, type=click.Path(file_okay=False),
               help="Root of the stage folders (recipe: output.dir; default runs/<recipe name>).")
@@ -30,7 +31,8 @@ are skipped, so rerunning a killed pipeline resumes it; delete a stage folder to
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
 @user_errors
 def run(recipe_path: str, overrides: tuple[str, ...], out: str | None, dry_run: bool, no_progress: bool) -> None:
-    """Run the stages listed under `stages:` in RECIPE.yaml, each reading the previous outputs."""
+    """Run the stages listed under `stages:` in RECIPE.yaml (or the bundled recipe NAME), each reading the
+    previous outputs."""
     from longrope_cli.pipeline import describe_plan, plan_pipeline, run_pipeline
 
     if dry_run:

@@ -103,7 +103,9 @@ def export_model(model: Any, tokenizer: Any, factors: FactorSet, layout: RopeLay
     (tmp / EXPORT_MARKER).write_text("written by longrope export\n", encoding="utf-8")
     with original_rotary(model):  # save transformers' own modules, not ours
         model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
+    from longrope_cli.hf_compat import save_tokenizer  # a tokenizer_config.json transformers 4.57 loads too
+
+    save_tokenizer(tokenizer, tmp)
     config_path = tmp / "config.json"
     config = json.loads(config_path.read_text(encoding="utf-8"))
     atomic_write_json(config_path, exportable_config(config, factors, layout, target))

@@ -79,6 +79,10 @@ class EvolutionSettings:
                 raise RecipeError(f"{section}.{key} must be >= 0, got {getattr(self, key)}")
         if not 0.0 < self.mutation_prob <= 1.0:
             raise RecipeError(f"{section}.mutation_prob must be in (0, 1], got {self.mutation_prob}")
+        if self.max_minutes is not None and not (math.isfinite(self.max_minutes) and self.max_minutes > 0):
+            raise RecipeError(f"{section}.max_minutes must be a positive number of minutes, got {self.max_minutes}")
+        if not math.isfinite(self.race_margin):
+            raise RecipeError(f"{section}.race_margin must be a finite number >= 0, got {self.race_margin}")
         if self.max_evals is not None and self.max_evals < 1:
             raise RecipeError(f"{section}.max_evals must be at least 1, got {self.max_evals}")
         if self.race_margin < 0:
@@ -196,6 +200,11 @@ class Engine:
         state.elapsed = self._elapsed()
         save_state(self.out_dir, state)
         best = state.parents[0]
+        if not math.isfinite(state.cache[best].value):
+            raise RecipeError(
+                f"{self.problem.label}: every candidate scored inf or NaN ({state.evaluations} evaluations): the "
+                "model diverges at this length; check model.dtype (float16 overflows at long lengths: use bfloat16 "
+                "or float32) and the model itself")
         log.info("%s stopped (%s) after generation %d: best perplexity %.4f, %d evaluations",
                  self.problem.label, state.stopped, state.generation, state.cache[best].value, state.evaluations)
         return Outcome(best, state.cache[best], state, state.evaluations - start_evals,

@@ -176,8 +176,10 @@ def search_problem(recipe: Recipe, layout: RopeLayout, target: int, windows_id: 
     choices = (cfg.start_tokens,) if cfg.start_tokens is not None else tuple(cfg.start_token_choices)
     if not choices or min(choices) < 0:
         raise RecipeError("search.start_token_choices must list n-hat values >= 0, e.g. [0, 1, 2, 4, 8]")
-    if cfg.factor_step <= 0 or cfg.factor_min <= 0:
-        raise RecipeError("search.factor_step and search.factor_min must be positive")
+    for key in ("factor_step", "factor_min", "factor_max_ratio"):
+        value = getattr(cfg, key)
+        if not (math.isfinite(value) and value > 0):
+            raise RecipeError(f"search.{key} must be a finite positive number, got {value}")
     factor_max = cfg.factor_max_ratio * relative_scale
     if factor_max < cfg.factor_min:
         raise RecipeError(f"search.factor_max_ratio x s = {factor_max:g} is below search.factor_min={cfg.factor_min}")

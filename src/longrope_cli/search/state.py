@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from longrope_cli.errors import RecipeError
-from longrope_cli.outputs import atomic_write_json
+from longrope_cli.outputs import atomic_write_json, strict_json
 from longrope_cli.search.evolution import Candidate
 
 log = logging.getLogger(__name__)
@@ -178,7 +178,7 @@ class CandidateLog:
     def append(self, records: list[dict[str, Any]]) -> None:
         if not records:
             return
-        text = "".join(json.dumps(r, separators=(",", ":")) + "\n" for r in records)
+        text = "".join(json.dumps(strict_json(r), separators=(",", ":"), allow_nan=False) + "\n" for r in records)
         with open(self.path, "a", encoding="utf-8") as handle:
             handle.write(text)
             handle.flush()

@@ -143,7 +143,9 @@ def save_hf_model(model: Any, tokenizer: Any, state: dict[str, torch.Tensor], fa
     state = {k: v.detach().to("cpu", dtype=dtype if v.is_floating_point() else v.dtype) for k, v in state.items()}
     with original_rotary(model):  # save transformers' modules, not ours
         model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
+    from longrope_cli.hf_compat import save_tokenizer  # a tokenizer_config.json transformers 4.57 loads too
+
+    save_tokenizer(tokenizer, tmp)
     config_path = tmp / "config.json"
     config = json.loads(config_path.read_text(encoding="utf-8"))
     config["dtype"] = config["torch_dtype"] = str(dtype).removeprefix("torch.")
