@@ -31,6 +31,34 @@ PLAIN_LOAD = textwrap.dedent("""
 """)
 
 
+PLAIN_TOKENIZE = textwrap.dedent("""
+    import json, sys
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(sys.argv[1])
+    ids = tok(sys.argv[2]).input_ids
+    assert "longrope_cli" not in sys.modules
+    print(json.dumps({"class": type(tok).__name__, "ids": ids, "text": tok.decode(ids, skip_special_tokens=True),
+                      "special": [tok.bos_token, tok.eos_token, tok.pad_token]}))
+""")
+TEXT = "The pass key is 4821937. Remember it: 4821937."
+
+
+def plain_transformers_tokens(python: str, model_dir, tmp_path) -> dict:
+    """What AutoTokenizer in `python` (plain transformers, no longrope) makes of TEXT with model_dir's tokenizer."""
+    script = tmp_path / "plain_tokenizer.py"  # not tokenize.py: that shadows the stdlib module
+    script.write_text(PLAIN_TOKENIZE)
+    done = subprocess.run([python, str(script), str(model_dir), TEXT], capture_output=True, text=True, timeout=300,
+                          env={"PATH": "", "OMP_WAIT_POLICY": "PASSIVE", "HF_HUB_OFFLINE": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def assert_same_tokenizer(loaded: dict, tokenizer) -> None:
+    ids = tokenizer(TEXT).input_ids
+    assert loaded["ids"] == ids and loaded["text"] == tokenizer.decode(ids, skip_special_tokens=True)
+    assert loaded["special"] == [tokenizer.bos_token, tokenizer.eos_token, tokenizer.pad_token]
+
+
 def plain_transformers_logits(python: str, model_dir, ids: torch.Tensor, tmp_path) -> dict[int, torch.Tensor]:
     """Logits at 32 tokens and at ids' full length from `python` running plain transformers on `model_dir`."""
     torch.save(ids, tmp_path / "ids.pt")
@@ -113,6 +141,17 @@ def test_export_cli(tiny_model_dir, tmp_path):
 COMPAT_PYTHON = os.environ.get("LONGROPE_COMPAT_PYTHON")
 
 
+def test_exported_tokenizer_names_a_class_every_supported_transformers_has(tmp_path):
+    """transformers 5.x saves the test bed's tokenizer as `TokenizersBackend`, a class 4.57 lacks: the export
+    writes `PreTrainedTokenizerFast` (the same class in 5.x), and plain transformers loads it unchanged."""
+    lm = load_model("testbed", device="cpu")
+    factors = factor_set(lm.layout.pairs, lm.layout.original_length, 4 * lm.layout.original_length)
+    out = export(lm, factors, tmp_path / "exported")
+    assert json.loads((out / "tokenizer_config.json").read_text())["tokenizer_class"] == "PreTrainedTokenizerFast"
+    for python in filter(None, (sys.executable, COMPAT_PYTHON)):
+        assert_same_tokenizer(plain_transformers_tokens(python, out, tmp_path), lm.tokenizer)
+
+
 @pytest.mark.skipif(not COMPAT_PYTHON, reason="set LONGROPE_COMPAT_PYTHON to a python with another transformers "
                                               "(e.g. 4.57) to check the export there too")
 def test_export_loads_identically_in_another_transformers(tiny_model_dir, tmp_path):
@@ -121,6 +160,7 @@ def test_export_loads_identically_in_another_transformers(tiny_model_dir, tmp_pa
     out = export(lm, factors, tmp_path / "exported")
     ids = torch.randint(0, 300, (1, 200), generator=torch.Generator().manual_seed(0))
     other = plain_transformers_logits(COMPAT_PYTHON, out, ids, tmp_path)
+    assert_same_tokenizer(plain_transformers_tokens(COMPAT_PYTHON, out, tmp_path), lm.tokenizer)
     install_factors(lm.model, factors, lm.layout)
     with torch.no_grad():
         for n in (32, 200):
