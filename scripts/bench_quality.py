@@ -12,7 +12,7 @@ alone and together, like the paper's table 11:
     +critical     search.critical_dim=auto (LongRoPE2's critical dimension)
     +validation   search.validate_top=8 on 5 fresh search-split windows
     all           +temperature +critical +validation, n-hat 0
-    default       the recipe defaults as they are (run with --default-evals)
+    default       the recipe defaults as they are, n-hat 0 (run with --default-evals)
 
 Exportable rows are scored the way a user would: exported with `longrope export`'s code and loaded by plain
 transformers (no longrope code on the forward path). Mean and spread over seeds, evaluations and search
@@ -54,15 +54,16 @@ from longrope_cli.rope.rotary import install_factors, remove_factors  # noqa: E4
 from longrope_cli.search.runner import run_search  # noqa: E402
 
 BASELINES = ("none", "pi", "ntk", "dynamic-ntk", "yarn")
+OFF = ["search.attention_search=false"]  # pinned, so that each row adds one thing to the paper's algorithm
 SEARCH_ROWS: dict[str, list[str]] = {
-    "paper": ["search.start_tokens=0"],
-    "+n-hat": [],
+    "paper": ["search.start_tokens=0", *OFF],
+    "+n-hat": [*OFF],
     "+temperature": ["search.start_tokens=0", "search.attention_search=true"],
-    "+critical": ["search.start_tokens=0", "search.critical_dim=auto"],
-    "+validation": ["search.start_tokens=0", "search.validate_top=8", "search.validate_documents=5"],
+    "+critical": ["search.start_tokens=0", "search.critical_dim=auto", *OFF],
+    "+validation": ["search.start_tokens=0", "search.validate_top=8", "search.validate_documents=5", *OFF],
     "all": ["search.start_tokens=0", "search.attention_search=true", "search.critical_dim=auto",
             "search.validate_top=8", "search.validate_documents=5"],
-    "default": [],
+    "default": ["search.start_tokens=0"],  # the recipe defaults, n-hat 0 so that the export is the product
 }
 CORPORA = {"eval split (Persuasion)": "testbed", "Jargon File": "jargon"}
 

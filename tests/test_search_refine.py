@@ -18,7 +18,7 @@ from longrope_cli.search.runner import critical_pair, resolve_search, run_search
 
 TARGET = 256
 SMALL = ["search.population=8", "search.survivors=4", "search.mutations=3", "search.crossovers=3",
-         "search.iterations=2", "search.documents=2"]
+         "search.iterations=2", "search.documents=2", "search.attention_search=false"]
 
 
 def recipe_for(model_dir, corpus, *overrides, target=TARGET):
@@ -106,3 +106,16 @@ def test_attention_search_picks_the_best_temperature_it_scored(lm, tiny_model_di
     assert all(1.0 <= a <= 2 * su - 1 + 1e-9 for a in trace)
     assert result.best.attention == pytest.approx(min(trace, key=trace.get))
     assert record["perplexity"] == min(trace.values())
+
+
+def test_the_attention_search_is_on_by_default_and_base_keeps_the_fine_tuned_temperature(
+        lm, tiny_model_dir, tiny_corpus, tmp_path):
+    on = run_search(recipe_for(tiny_model_dir, tiny_corpus, "search.attention_search=true", "search.iterations=0"),
+                    tmp_path / "on", lm=lm, progress=False)
+    assert load_recipe(None, []).search.attention_search is True and "attention_search" in on.best.provenance
+    base = replace(pi_factors(lm.layout, TARGET), attention=1.07)
+    base_path = base.save(tmp_path / "base.json", lm.layout)
+    kept = run_search(recipe_for(tiny_model_dir, tiny_corpus, f"search.base_factors={base_path}", "search.attention=base",
+                                 "search.attention_search=true", "search.iterations=0", target=2 * TARGET),
+                      tmp_path / "base", lm=lm, progress=False)
+    assert kept.best.attention == 1.07 and "attention_search" not in kept.best.provenance

@@ -31,7 +31,7 @@ from longrope_cli.search.runner import run_search
 TARGET = 256  # 4x the tiny model's window
 
 SMALL = ["search.population=8", "search.survivors=4", "search.mutations=3", "search.crossovers=3",
-         "search.iterations=3", "search.documents=2"]
+         "search.iterations=3", "search.documents=2", "search.attention_search=false"]
 
 
 def recipe_for(model_dir: Path, corpus: Path, *overrides: str, target: int = TARGET):

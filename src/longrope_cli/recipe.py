@@ -89,8 +89,8 @@ class SearchConfig:
     validate_top: int = _field(0, "re-rank the best N candidates on fresh search-split windows that the evolution "
                                   "never scored, and hand on the best there (0: off)")
     validate_documents: int | None = _field(None, "fresh windows for validate_top; null = search.documents")
-    attention_search: bool = _field(False, "after the factors, search the attention factor (temperature) with the "
-                                           "factors frozen (LongRoPE2's second stage)")
+    attention_search: bool = _field(True, "after the factors, search the attention factor (temperature) with the "
+                                          "factors frozen (LongRoPE2's second stage); skipped with attention=base")
     attention_search_evals: int = _field(12, "evaluations of the attention search (golden-section on [1, 1.5 su])")
     max_evals: int | None = _field(None, "stop after this many fitness evaluations")
     max_minutes: float | None = _field(None, "stop after this many minutes of wall time")

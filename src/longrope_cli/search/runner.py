@@ -318,6 +318,11 @@ def run_search(recipe: Recipe, out_dir: Path, *, resume: bool = False, lm: Loade
         raise RecipeError("search.validate_top must be >= 0 and search.validate_documents >= 1")
     if cfg.attention_search_evals < 2 and cfg.attention_search:
         raise RecipeError(f"search.attention_search_evals must be at least 2, got {cfg.attention_search_evals}")
+    if cfg.attention_search and cfg.attention == "base":
+        # `base` asks for the fine-tuned model's own temperature: keep it exactly.
+        log.info("search: attention=base keeps the fine-tuned temperature; no attention search")
+        recipe = replace(recipe, search=replace(cfg, attention_search=False))
+        cfg = recipe.search
     settings = settings_from_search(recipe)
     fresh = validation_windows(cfg)
     if windows is None:
