@@ -57,6 +57,14 @@ def tiny_llama(rope_parameters: dict | None = None, original: int = 64, max_posi
     return model
 
 
+def model_logits(model, length: int, seed: int = 1) -> torch.Tensor:
+    """Logits of a model on `length` random ids (the same ids for the same seed)."""
+    torch.manual_seed(seed)
+    ids = torch.randint(0, model.config.vocab_size, (1, length))
+    with torch.no_grad():
+        return model(ids).logits
+
+
 @pytest.fixture(scope="session")
 def tiny_tokenizer(tmp_path_factory):
     return build_tiny_tokenizer(tmp_path_factory.mktemp("tok"))

@@ -9,6 +9,7 @@ import math
 import pytest
 import torch
 
+from conftest import model_logits as logits
 from conftest import tiny_llama
 from longrope_cli.rope import baselines
 from longrope_cli.rope.layout import layout_from_config
@@ -17,13 +18,6 @@ from longrope_cli.rope.rotary import install_factors, remove_factors
 
 ORIGINAL = 64
 PAIRS = 16
-
-
-def logits(model, length: int, seed: int = 1) -> torch.Tensor:
-    torch.manual_seed(seed)
-    ids = torch.randint(0, model.config.vocab_size, (1, length))
-    with torch.no_grad():
-        return model(ids).logits
 
 
 def ramp(top: float, pairs: int = PAIRS) -> list[float]:

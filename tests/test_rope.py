@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from conftest import model_logits as logits
 from conftest import tiny_llama
 from longrope_cli.errors import FactorFileError, ModelError
 from longrope_cli.rope import baselines
@@ -20,13 +21,6 @@ from longrope_cli.rope.rotary import (
 )
 
 ORIGINAL = 64
-
-
-def logits(model, length: int, seed: int = 1) -> torch.Tensor:
-    torch.manual_seed(seed)
-    ids = torch.randint(0, model.config.vocab_size, (1, length))
-    with torch.no_grad():
-        return model(ids).logits
 
 
 def same_weights(reference, rope_parameters=None, **kw):
