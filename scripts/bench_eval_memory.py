@@ -7,6 +7,8 @@ forward pass, i.e. what scoring one window costs on top of the loaded model.
 
 - chunked: `evaluate.perplexity.window_nll` -- decoder to hidden states (sdpa attention, no KV cache), then
   the LM head and loss `model.loss_chunk` positions at a time: memory ~ L x hidden, never L x vocab.
+- loss-chunked: the same with the decoder MLPs over the whole sequence at once (what longrope did before it
+  ran them `model.loss_chunk` positions at a time, `seqchunk.chunked_mlps`).
 - full: `model(ids, labels=ids)` -- transformers materialises the whole L x vocab logits tensor (and the
   loss makes float copies of it), so memory grows by ~ L x vocab x 4 bytes x a few.
 
@@ -32,7 +34,7 @@ import sys  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-PATHS = ("chunked", "full")
+PATHS = ("chunked", "loss-chunked", "full")
 MIB = 1024 * 1024
 
 
@@ -87,8 +89,8 @@ def child(path: str, length: int, model_name: str, vocab: int, chunk: int) -> di
     before = current_rss()
     started = time.perf_counter()
     with torch.no_grad():
-        if path == "chunked":
-            nll, count = window_nll(model, ids, chunk=chunk)
+        if path in ("chunked", "loss-chunked"):
+            nll, count = window_nll(model, ids, chunk=chunk, mlp_chunk=0 if path == "loss-chunked" else None)
             loss = nll / count
         else:
             loss = float(model(input_ids=ids, labels=ids, use_cache=False).loss)

@@ -11,6 +11,7 @@ import torch
 from tqdm.auto import tqdm
 
 from longrope_cli.losses import chunked_nll, decoder_of, shift_labels
+from longrope_cli.seqchunk import chunked_mlps
 
 
 @dataclass
@@ -29,13 +30,15 @@ class PerplexityResult:
 
 @torch.no_grad()
 def window_nll(model: Any, input_ids: torch.Tensor, chunk: int = 1024,
-               labels: torch.Tensor | None = None) -> tuple[float, int]:
+               labels: torch.Tensor | None = None, mlp_chunk: int | None = None) -> tuple[float, int]:
     """(sum of NLL, scored tokens) for a batch of windows (B, L); `labels` (already shifted, -100 = not scored)
-    restrict the loss to some tokens, e.g. a needle's answer."""
+    restrict the loss to some tokens, e.g. a needle's answer. The decoder MLPs run `mlp_chunk` positions at a
+    time (default: `chunk`; 0: whole sequence)."""
     device = next(model.parameters()).device
     input_ids = input_ids.to(device)
     labels = shift_labels(input_ids) if labels is None else labels.to(device)
-    hidden = decoder_of(model)(input_ids=input_ids, use_cache=False).last_hidden_state
+    with chunked_mlps(model, chunk if mlp_chunk is None else mlp_chunk):  # no L x intermediate tensor
+        hidden = decoder_of(model)(input_ids=input_ids, use_cache=False).last_hidden_state
     total, count = chunked_nll(model, hidden, labels, chunk=chunk)
     return float(total), int(count)
 

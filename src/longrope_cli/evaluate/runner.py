@@ -33,6 +33,7 @@ from longrope_cli.errors import LongRopeError, RecipeError
 from longrope_cli.evaluate.perplexity import score_perplexity
 from longrope_cli.lengths import format_length
 from longrope_cli.losses import chunked_nll, decoder_of, shift_labels
+from longrope_cli.seqchunk import chunked_mlps
 from longrope_cli.models import LoadedModel, load_model
 from longrope_cli.outputs import COMPLETE_MARKER, atomic_write_json, environment_info, mark_complete
 from longrope_cli.recipe import Recipe, recipe_to_dict
@@ -171,7 +172,8 @@ def sliding_nll(model: Any, tokens: torch.Tensor, length: int, stride: int, chun
         already = scored_until - start - 1
         if already > 0:
             labels[:, :already] = -100
-        hidden = decoder_of(model)(input_ids=ids, use_cache=False).last_hidden_state
+        with chunked_mlps(model, chunk):
+            hidden = decoder_of(model)(input_ids=ids, use_cache=False).last_hidden_state
         nll, scored = chunked_nll(model, hidden, labels, chunk=chunk)
         total += float(nll)
         count += int(scored)
