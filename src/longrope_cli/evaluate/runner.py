@@ -33,7 +33,6 @@ from longrope_cli.errors import LongRopeError, RecipeError
 from longrope_cli.evaluate.perplexity import score_perplexity
 from longrope_cli.lengths import format_length
 from longrope_cli.losses import chunked_nll, decoder_of, shift_labels
-from longrope_cli.seqchunk import chunked_mlps
 from longrope_cli.models import LoadedModel, load_model
 from longrope_cli.outputs import COMPLETE_MARKER, atomic_write_json, environment_info, mark_complete
 from longrope_cli.recipe import Recipe, recipe_to_dict
@@ -42,6 +41,7 @@ from longrope_cli.rope.factors import FactorSet, load_factors
 from longrope_cli.rope.layout import RopeLayout
 from longrope_cli.rope.native import native_factors
 from longrope_cli.rope.rotary import install_factors, installed_factors, remove_factors
+from longrope_cli.seqchunk import chunked_mlps
 
 log = logging.getLogger(__name__)
 
