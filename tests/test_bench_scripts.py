@@ -29,3 +29,20 @@ def test_finetune_memory_bench_runs_the_trainer_on_small_shapes(tmp_path):
     rows = json.loads(out.read_text())["rows"]
     assert [(r["layers"], r["length"]) for r in rows] == [(1, 512), (2, 512)]
     assert rows[1]["params"] > rows[0]["params"] and all(5.0 < r["loss"] < 9.0 for r in rows)  # ~ln(2048) untrained
+
+
+@pytest.mark.integration
+@requires_testbed
+def test_quality_bench_scores_searches_through_plain_transformers_and_resumes(tmp_path):
+    command = [sys.executable, str(ROOT / "scripts/bench_quality.py"), "--target", "512", "--rows", "yarn,paper",
+               "--seeds", "0", "--evals", "6", "--eval-windows", "2", "--out", str(tmp_path)]
+    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
+    first = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+    assert first.returncode == 0, first.stderr[-3000:]
+    scores = json.loads((tmp_path / "scores.json").read_text())
+    assert set(scores) == {"512 yarn", "512-paper-6 seed0"}
+    assert (tmp_path / "exports" / "512-paper-6-0" / "config.json").is_file()  # scored as an export
+    assert "| paper (6) |" in first.stdout
+    again = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+    assert again.returncode == 0 and "== search" not in again.stdout  # everything reused
+    assert json.loads((tmp_path / "scores.json").read_text()) == scores
