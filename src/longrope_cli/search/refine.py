@@ -58,9 +58,9 @@ class ScoreBook:
 
 
 def validate_top(candidates: Sequence[Candidate], to_factors: Callable[[Candidate], FactorSet],
-                 evaluator: Evaluator, book: ScoreBook) -> tuple[Candidate, list[dict[str, Any]]]:
-    """The candidate with the lowest perplexity on the fresh windows (ties: the evolution's order), and a
-    record per candidate for the provenance."""
+                 evaluator: Evaluator, book: ScoreBook) -> tuple[Candidate, float, list[dict[str, Any]]]:
+    """The candidate with the lowest perplexity on the fresh windows (ties: the evolution's order), that
+    perplexity, and a record per candidate for the provenance."""
     keys = ["validate " + json.dumps(c.to_json()) for c in candidates]
     missing = [k for k, key in enumerate(keys) if key not in book.scores]
     batch = max(1, int(getattr(evaluator, "parallelism", 1)))  # one candidate per rank at a time
@@ -73,9 +73,8 @@ def validate_top(candidates: Sequence[Candidate], to_factors: Callable[[Candidat
         value = book.scores[key]
         rows.append({"rank": rank, "fresh_perplexity": value if math.isfinite(value) else "inf"})
         log.info("validation: evolution rank %d: %.4f on fresh windows", rank, value)
-    best = min(range(len(candidates)), key=lambda k: (book.scores["validate " + json.dumps(
-        candidates[k].to_json())], k))
-    return candidates[best], rows
+    best = min(range(len(candidates)), key=lambda k: (book.scores[keys[k]], k))
+    return candidates[best], book.scores[keys[best]], rows
 
 
 def search_attention(factors: FactorSet, evaluator: Evaluator, book: ScoreBook, evaluations: int

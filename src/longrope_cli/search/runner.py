@@ -392,7 +392,7 @@ def run_search(recipe: Recipe, out_dir: Path, *, resume: bool = False, lm: Loade
                             seconds=state.elapsed, counters=dict(state.counters), seed_perplexity=seeds)
 
     def refine(outcome: Outcome, state: SearchState) -> tuple[Candidate, float, dict[str, Any]]:
-        """Re-rank the top candidates on the fresh windows, then search the temperature (rank 0, in process)."""
+        """Re-rank the top candidates on the fresh windows, then search the temperature (scored over the ranks)."""
         chosen, perplexity, extra = outcome.best, outcome.best_score.value, {}
         if not (cfg.validate_top or cfg.attention_search):
             return chosen, perplexity, extra
@@ -400,11 +400,10 @@ def run_search(recipe: Recipe, out_dir: Path, *, resume: bool = False, lm: Loade
             fresh_windows) if fresh else None})
         if cfg.validate_top:
             top = [c for c in state.parents[:cfg.validate_top] if state.cache[c].complete]
-            chosen, rows = validate_top(top, problem.to_factors, outcome.pool("fresh"), book)
+            chosen, perplexity, rows = validate_top(top, problem.to_factors, outcome.pool("fresh"), book)
             for row, candidate in zip(rows, top, strict=True):
                 row["fitness_perplexity"] = state.cache[candidate].value
             extra["validation"] = {"windows": fresh, "candidates": rows, "chosen_rank": top.index(chosen)}
-            perplexity = book.scores["validate " + json.dumps(chosen.to_json())]
         if cfg.attention_search:
             tuned, trace = search_attention(problem.to_factors(chosen), outcome.pool("all"), book,
                                             cfg.attention_search_evals)
