@@ -212,6 +212,8 @@ def test_short_windows_train_with_the_short_factors_and_the_long_attention(tiny_
     assert all(short == (1.0,) * long_set.pairs and att == long_set.attention for _, _, short, att in seen)
     saved = load_factors(out / "factors.json")  # the file handed on is the one given, not the training variant
     assert saved.short_factor is None and saved.long_factor == long_set.long_factor
+    config = json.loads((out / "model" / "config.json").read_text())  # but the model runs what was trained
+    assert config["rope_scaling"]["short_factor"] == [1.0] * long_set.pairs
     with pytest.raises(RecipeError, match="not beyond the original window"):
         ft.run_finetune(make_recipe(tiny_model_dir, tiny_corpus, factor_file, tmp_path / "c", short_batch_size=2,
                                     target=original), tmp_path / "bad", progress=False)

@@ -190,6 +190,7 @@ class Finetune:
             short = self.factors.short_factor or (1.0,) * lm.layout.pairs
             trained = replace(self.factors, short_factor=tuple(short))
         install_factors(lm.model, trained, lm.layout)
+        self.trained = trained  # what the saved model must run (its config carries these short factors)
 
         data = recipe.data
         corpus = load_corpus(data.corpus, data.text_field, data.search_fraction, data.eval_fraction)
@@ -364,7 +365,10 @@ class Finetune:
             factors = self.factors.with_provenance(
                 stage="finetune", train_length=self.target, steps=cfg.steps, batch_size=cfg.batch_size,
                 final_loss=self.last_loss, base_model=self.recipe.model.name)
-            ckpt.save_hf_model(lm.model, lm.tokenizer, state, factors, lm.layout, self.export_target, model_dir,
+            # The model folder runs what was trained (short windows: its short factors); the file handed on to
+            # later stages is the one given.
+            trained = replace(factors, short_factor=self.trained.short_factor)
+            ckpt.save_hf_model(lm.model, lm.tokenizer, state, trained, lm.layout, self.export_target, model_dir,
                                self.save_dtype)
             factors.save(self.out / "factors.json", lm.layout)
             mark_complete(self.out, "finetune", model_dir, steps=cfg.steps, final_loss=self.last_loss,
