@@ -10,6 +10,7 @@ alone and together, like the paper's table 11:
     +n-hat        n-hat searched as well (not exportable: scored with longrope's rotary module)
     +temperature  search.attention_search (LongRoPE2's second stage)
     +critical     search.critical_dim=auto (LongRoPE2's critical dimension)
+    +critical-search  search.critical_dim=search (the boundary moved first: auto +- 4 or off, by best seed)
     +validation   search.validate_top=8 on 5 fresh search-split windows
     all           +temperature +critical +validation, n-hat 0
     default       the recipe defaults as they are, n-hat 0 (run with --default-evals)
@@ -60,6 +61,7 @@ SEARCH_ROWS: dict[str, list[str]] = {
     "+n-hat": [*OFF],
     "+temperature": ["search.start_tokens=0", "search.attention_search=true"],
     "+critical": ["search.start_tokens=0", "search.critical_dim=auto", *OFF],
+    "+critical-search": ["search.start_tokens=0", "search.critical_dim=search", *OFF],
     "+validation": ["search.start_tokens=0", "search.validate_top=8", "search.validate_documents=5", *OFF],
     "all": ["search.start_tokens=0", "search.attention_search=true", "search.critical_dim=auto",
             "search.validate_top=8", "search.validate_documents=5"],
@@ -184,7 +186,7 @@ def main() -> None:
     parser.add_argument("--model", default="testbed")
     parser.add_argument("--target", default="2k")
     parser.add_argument("--rows", default="none,pi,ntk,dynamic-ntk,yarn,paper,+n-hat,+temperature,+critical,"
-                                          "+validation,all")
+                                          "+critical-search,+validation,all")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--evals", type=int, default=200, help="evaluations per ablation search")
     parser.add_argument("--default-evals", type=int, default=600, help="evaluations of the `default` row")

@@ -80,6 +80,53 @@ def test_critical_dimension_shapes_every_candidate(lm, tiny_model_dir, tiny_corp
     assert len(result.best.long_factor) == lm.layout.pairs
 
 
+def test_critical_dim_search_moves_the_boundary_to_the_best_seed_and_resumes(lm, tiny_model_dir, tiny_corpus,
+                                                                            tmp_path):
+    result = run_search(recipe_for(tiny_model_dir, tiny_corpus, "search.critical_dim=search", "search.start_tokens=0",
+                                   "search.iterations=1"), tmp_path, lm=lm, progress=False)
+    record = result.best.provenance["critical_dim_search"]
+    rows = {row["critical_dim"]: row["perplexity"] for row in record["boundaries"]}
+    auto = critical_pair(lm.layout)
+    assert set(rows) == {*range(max(1, auto - 4), min(lm.layout.pairs - 1, auto + 4) + 1), "off"}
+    assert rows[record["chosen"]] == min(rows.values())
+    # the evolution ran in the chosen boundary's space
+    chosen = record["chosen"]
+    lam = result.best.long_factor
+    if chosen != "off":
+        assert lam[:chosen] == pytest.approx([lam[chosen] ** (i / chosen) for i in range(chosen)])
+    book_path = tmp_path / "critical.json"
+    book = json.loads(book_path.read_text())
+    # PI, NTK and YaRN under every boundary (under a boundary they often snap to one set: scored once)
+    assert len(rows) <= len(book["scores"]) <= 3 * len(rows)
+    assert {row["critical_dim"] for row in record["boundaries"]} == {k.split()[1] if k.split()[1] == "off" else
+                                                                    int(k.split()[1]) for k in book["scores"]}
+    written = book_path.stat().st_mtime_ns
+    # a resumed run takes the stored scores and the same boundary, without scoring them again
+    again = run_search(recipe_for(tiny_model_dir, tiny_corpus, "search.critical_dim=search", "search.start_tokens=0",
+                                  "search.iterations=1"), tmp_path, lm=lm, progress=False, resume=True)
+    assert again.best.provenance["critical_dim_search"] == record
+    assert book_path.stat().st_mtime_ns == written
+
+
+def test_critical_dim_search_prefers_a_boundary_when_it_scores_better():
+    from longrope_cli.search.evaluator import Evaluator, Fitness
+    from longrope_cli.search.refine import ScoreBook
+    from longrope_cli.search.runner import choose_critical_dim
+
+    layout = RopeLayout(rotary_dim=64, rope_theta=10000.0, original_length=256, head_dim=64)
+
+    class PrefersNtkShapeBelow(Evaluator):
+        """Best when lambda_10 = 8^(10/15): PI's seed under the boundary 15 (auto + 2) and nothing else."""
+
+        def evaluate(self, factor_sets, stop_above=None):
+            return [Fitness(10 + abs(f.long_factor[10] - 8 ** (10 / 15))) for f in factor_sets]
+
+    recipe = load_recipe(None, ["search.target=2k", "search.critical_dim=search", "search.start_tokens=0"])
+    chosen, rows = choose_critical_dim(recipe, layout, 2048, "w", PrefersNtkShapeBelow(), ScoreBook(None, {}))
+    assert critical_pair(layout) == 13 and chosen == 15
+    assert min(rows, key=lambda r: r["perplexity"]) == {"critical_dim": 15, "perplexity": 10.0, "seed": "pi"}
+
+
 def test_validation_re_ranks_the_top_on_fresh_windows(lm, tiny_model_dir, tiny_corpus, tmp_path):
     result = run_search(recipe_for(tiny_model_dir, tiny_corpus, "search.validate_top=3",
                                    "search.validate_documents=2"), tmp_path, lm=lm, progress=False)

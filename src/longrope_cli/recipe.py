@@ -84,8 +84,9 @@ class SearchConfig:
         "perplexity", "perplexity: every token of the windows (the paper); needle: only the answer to a 7-digit "
                       "number planted at a stratified depth of each window (LongRoPE2)")
     critical_dim: str = _field("off", "LongRoPE2's critical dimension: off; auto (the first pair whose period "
-                                      "exceeds the original window); or a pair index. From it on lambda_i is "
-                                      "searched in [s, 1.25 s], below it lambda_i = lambda_cd^(i / cd) (NTK-like)")
+                                      "exceeds the original window); a pair index; or search (try auto - 4 .. "
+                                      "auto + 4 and off by their best seed first). From it on lambda_i is searched "
+                                      "in [s, 1.25 s], below it lambda_i = lambda_cd^(i / cd) (NTK-like)")
     validate_top: int = _field(0, "re-rank the best N candidates on fresh search-split windows that the evolution "
                                   "never scored, and hand on the best there (0: off)")
     validate_documents: int | None = _field(None, "fresh windows for validate_top; null = search.documents")

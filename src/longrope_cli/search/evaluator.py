@@ -203,6 +203,15 @@ def is_main_process() -> bool:
     return distributed_env()[0] == 0
 
 
+def broadcast_from_main(value: Any) -> Any:
+    """Rank 0's `value` on every rank (a picklable object)."""
+    import torch.distributed as dist
+
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def init_distributed(backend: str = "auto", device: str = "auto") -> tuple[int, int]:
     """Join the process group started by torchrun / srun (idempotent); returns (rank, world size).
 

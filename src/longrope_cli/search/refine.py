@@ -34,13 +34,14 @@ ATTENTION_STEP = 1e-4  # LongRoPE2's grid for the temperature
 
 
 class ScoreBook:
-    """Scores keyed by a string, persisted atomically after each one; ignored when the fingerprint differs."""
+    """Scores keyed by a string, persisted atomically after each one; ignored when the fingerprint differs.
+    `path` None: kept in memory only (ranks other than 0)."""
 
-    def __init__(self, path: Path, fingerprint: dict[str, Any]) -> None:
-        self.path = Path(path)
+    def __init__(self, path: Path | None, fingerprint: dict[str, Any]) -> None:
+        self.path = Path(path) if path is not None else None
         self.fingerprint = fingerprint
         self.scores: dict[str, float] = {}
-        if self.path.is_file():
+        if self.path is not None and self.path.is_file():
             try:
                 data = json.loads(self.path.read_text(encoding="utf-8"))
             except (OSError, json.JSONDecodeError):
@@ -52,8 +53,9 @@ class ScoreBook:
         if key not in self.scores:
             value = float(compute())
             self.scores[key] = value if math.isfinite(value) else math.inf
-            atomic_write_json(self.path, {"fingerprint": self.fingerprint, "scores": {
-                k: (v if math.isfinite(v) else "inf") for k, v in self.scores.items()}})
+            if self.path is not None:
+                atomic_write_json(self.path, {"fingerprint": self.fingerprint, "scores": {
+                    k: (v if math.isfinite(v) else "inf") for k, v in self.scores.items()}})
         return self.scores[key]
 
 

@@ -45,6 +45,7 @@ from longrope_cli.search.evaluator import (
     Evaluator,
     LocalEvaluator,
     PoolEvaluator,
+    broadcast_from_main,
     distributed_env,
     init_distributed,
     is_main_process,
@@ -58,6 +59,7 @@ from longrope_cli.search.state import Scored, SearchState
 log = logging.getLogger(__name__)
 
 FACTORS_FILE = "factors.json"
+CRITICAL_FILE = "critical.json"
 SEED_METHODS = ("pi", "ntk", "yarn")
 LARGE_TARGET = 512 * 1024
 PAPER_SIZES = {"population": 64, "mutations": 16, "crossovers": 16, "documents": 5}
@@ -89,17 +91,24 @@ def critical_pair(layout: RopeLayout) -> int:
     return next((i for i, period in enumerate(periods) if period > layout.original_length), layout.pairs)
 
 
+CRITICAL_SPAN = 4  # `critical_dim=search` tries the boundaries auto - 4 .. auto + 4, and off
+OFF_WORDS = ("off", "none", "false", "")
+
+
 def _critical_setting(cfg: SearchConfig, layout: RopeLayout, progressive: bool = False) -> int | None:
     text = str(cfg.critical_dim).strip().lower()
-    if text in ("off", "none", "false", ""):
+    if text in OFF_WORDS:
         return None
     if text == "auto":
         cd = critical_pair(layout)
+    elif text == "search":
+        cd = min(critical_pair(layout), layout.pairs - 1)  # checked here; `choose_critical_dim` moves it
     else:
         try:
             cd = int(text)
         except ValueError:
-            raise RecipeError(f"search.critical_dim={cfg.critical_dim!r}: use off, auto or a pair index") from None
+            raise RecipeError(f"search.critical_dim={cfg.critical_dim!r}: use off, auto, search or a pair "
+                              "index") from None
     if not 0 <= cd < layout.pairs:
         raise RecipeError(f"search.critical_dim={cd} must be a pair index in 0..{layout.pairs - 1} (auto: "
                           f"{critical_pair(layout)} for this model)")
@@ -152,11 +161,14 @@ def settings_from_search(recipe: Recipe) -> EvolutionSettings:
 
 
 def search_problem(recipe: Recipe, layout: RopeLayout, target: int, windows_id: str,
-                   native: FactorSet | None = None) -> Problem:
+                   native: FactorSet | None = None, critical: int | str | None = None) -> Problem:
     """The search space, seeds and candidate -> FactorSet mapping of `longrope search` for one model and target.
 
     `native`: a pre-scaled model's own RoPE (Llama-3.1, Phi-3-128k, ...; `rope.native.native_base`). Without
-    `search.base_factors` the search is then progressive on it, so the model is extended from what it ships."""
+    `search.base_factors` the search is then progressive on it, so the model is extended from what it ships.
+    `critical`: the boundary `choose_critical_dim` picked (a pair index or "off"), instead of the recipe's."""
+    if critical is not None:
+        recipe = replace(recipe, search=replace(recipe.search, critical_dim=str(critical)))
     cfg = recipe.search
     scale = layout.scale(target)
     base: FactorSet | None = None
@@ -235,6 +247,42 @@ def search_problem(recipe: Recipe, layout: RopeLayout, target: int, windows_id: 
                                         "mutation_prob", "racing", "race_margin")},
     }
     return Problem(space=space, seeds=seeds, to_factors=to_factors, fingerprint=fingerprint, label="search")
+
+
+def choose_critical_dim(recipe: Recipe, layout: RopeLayout, target: int, windows_id: str, evaluator: Evaluator,
+                        book: ScoreBook) -> tuple[int | str, list[dict[str, Any]]]:
+    """`search.critical_dim=search`: move LongRoPE2's boundary before the evolution. Each boundary from
+    auto - 4 to auto + 4, and off, is scored by its best seed (PI, NTK, YaRN snapped into its space); the
+    evolution then runs in the winner's space. Ties go to the boundary nearest auto, then to off."""
+    auto = critical_pair(layout)
+    options: list[int | str] = [cd for cd in range(auto - CRITICAL_SPAN, auto + CRITICAL_SPAN + 1)
+                                if 1 <= cd < layout.pairs]
+    options.append("off")
+    rows: list[dict[str, Any]] = []
+    for option in options:
+        problem = search_problem(recipe, layout, target, windows_id, critical=option)
+        best = math.inf
+        for candidate, origin in problem.seeds[:len(SEED_METHODS)]:
+            factors = problem.to_factors(candidate)
+            key = f"critical {option} " + json.dumps([list(factors.long_factor), factors.start_tokens])
+            value = book.score(key, lambda f=factors: evaluator.evaluate([f])[0])
+            if value < best:
+                best, best_origin = value, origin
+        rows.append({"critical_dim": option, "perplexity": best if math.isfinite(best) else "inf",
+                     "seed": best_origin if math.isfinite(best) else None})
+        log.info("critical dimension %s: best seed %.4f", option, best)
+
+    def rank(row: dict[str, Any]) -> tuple[float, int]:
+        value = row["perplexity"] if row["perplexity"] != "inf" else math.inf
+        distance = abs(row["critical_dim"] - auto) if row["critical_dim"] != "off" else layout.pairs
+        return value, distance
+
+    chosen = min(rows, key=rank)
+    if chosen["perplexity"] == "inf":
+        raise RecipeError("search.critical_dim=search: every boundary's seeds scored inf (NaN or overflow); "
+                          "check the model and search.target, or set search.critical_dim=off")
+    log.info("critical dimension: %s (auto: %d)", chosen["critical_dim"], auto)
+    return chosen["critical_dim"], rows
 
 
 def load_stage_model(recipe: Recipe, distributed: bool) -> LoadedModel:
@@ -344,9 +392,23 @@ def run_search(recipe: Recipe, out_dir: Path, *, resume: bool = False, lm: Loade
     if native is not None:
         log.info("search: %s already scales RoPE (%s, %s): searching relative to it", layout.name, layout.rope_type,
                  format_length(native.target_length))
-    problem = search_problem(recipe, layout, target, windows_digest(windows), native)
     chunk = recipe.model.loss_chunk
     local = LocalEvaluator(lm.model, layout, windows, chunk=chunk, labels=labels)
+    windows_id = windows_digest(windows)
+    critical, critical_rows = None, None
+    if str(cfg.critical_dim).strip().lower() == "search":
+        _critical_setting(cfg, layout, progressive=bool(cfg.base_factors) or native is not None)
+        # Every rank scores the few boundaries itself (each holds the model; no rank idles at a collective);
+        # rank 0 keeps the scores for a resume, and its choice is the one used.
+        main = not distributed or is_main_process()
+        book = ScoreBook(out_dir / CRITICAL_FILE if main else None, {
+            "model": layout.to_dict(), "target": target, "windows": windows_id,
+            **{k: getattr(cfg, k) for k in ("factor_step", "factor_min", "factor_max_ratio", "start_tokens",
+                                            "start_token_choices", "attention", "fitness", "seed")}})
+        critical, critical_rows = choose_critical_dim(recipe, layout, target, windows_id, local, book)
+        if distributed:
+            critical, critical_rows = broadcast_from_main((critical, critical_rows))
+    problem = search_problem(recipe, layout, target, windows_id, native, critical=critical)
     pools: dict[str, LocalEvaluator] = {}
     if fresh:
         pools["fresh"] = LocalEvaluator(lm.model, layout, fresh_windows, chunk=chunk, labels=fresh_labels)
@@ -362,6 +424,8 @@ def run_search(recipe: Recipe, out_dir: Path, *, resume: bool = False, lm: Loade
              else "searched", settings.planned_evaluations())
     provenance = {"stage": "search", "target": target, "seed": cfg.seed, "documents": cfg.documents,
                   "model": layout.name, "racing": cfg.racing, "ranks": ranks}
+    if critical_rows is not None:
+        provenance["critical_dim_search"] = {"chosen": critical, "boundaries": critical_rows}
     if cfg.base_factors or native is not None:
         provenance["base_factors"] = str(cfg.base_factors) if cfg.base_factors else f"native {layout.rope_type}"
 
