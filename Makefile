@@ -12,17 +12,21 @@ export OMP_WAIT_POLICY := PASSIVE
 export TOKENIZERS_PARALLELISM := false
 export HF_HUB_OFFLINE := 1
 
-.PHONY: install test test-unit test-integration demo lint bench gpu-check clean help
+.PHONY: install test test-unit test-integration demo lint bench gpu-check clean help recipe-llama2-2m
 
 help:
+	@echo "make help              this list"
 	@echo "make install           create $(VENV) and install longrope (+ $(TORCH_SPEC))"
 	@echo "make demo              the progressive LongRoPE pipeline on the bundled CPU test bed (recipes/tiny.yaml)"
 	@echo "make test              unit + integration tests (GPU tests skip without a GPU)"
 	@echo "make test-unit         fast unit tests only"
+	@echo "make test-integration  integration tests only (end-to-end runs on the CPU test bed)"
 	@echo "make lint              ruff"
 	@echo "make bench             benchmarks (scripts/bench_*.py)"
 	@echo "make gpu-check         on a CUDA machine: gpu tests, the tiny recipe on the GPU, 7B-shape memory bench"
+	@echo "make clean             remove runs/, caches and build outputs (keeps $(VENV))"
 	@echo "make recipe-<name>     run recipes/<name>.yaml through its stages"
+	@echo "make recipe-llama2-2m  run recipes/llama2-7b-2m.yaml (LLaMA2-7B to a 2M-token window)"
 
 install: $(VENV)/.installed
 

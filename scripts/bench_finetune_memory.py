@@ -41,13 +41,13 @@ from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
 
-from longrope_cli.finetune import Finetune  # noqa: E402
 from longrope_cli.lengths import format_length, parse_lengths  # noqa: E402
 from longrope_cli.models import LoadedModel, testbed_path  # noqa: E402
 from longrope_cli.recipe import load_recipe  # noqa: E402
 from longrope_cli.rope.baselines import yarn_factors  # noqa: E402
 from longrope_cli.rope.layout import layout_from_config  # noqa: E402
 from longrope_cli.training.distributed import setup_parallel  # noqa: E402
+from longrope_cli.training.trainer import Finetune  # noqa: E402
 
 GIB = 1024**3
 ORIGINAL_WINDOW = 4096  # LLaMA2

@@ -52,7 +52,7 @@ from longrope_cli.rope.baselines import baseline_factors  # noqa: E402
 from longrope_cli.rope.export import export_model  # noqa: E402
 from longrope_cli.rope.factors import load_factors  # noqa: E402
 from longrope_cli.rope.rotary import install_factors, remove_factors  # noqa: E402
-from longrope_cli.search.runner import run_search  # noqa: E402
+from longrope_cli.stages.search import run_search  # noqa: E402
 
 BASELINES = ("none", "pi", "ntk", "dynamic-ntk", "yarn")
 OFF = ["search.attention_search=false"]  # pinned, so that each row adds one thing to the paper's algorithm

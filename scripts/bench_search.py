@@ -43,7 +43,7 @@ from longrope_cli.rope.baselines import baseline_factors  # noqa: E402
 from longrope_cli.rope.factors import load_factors  # noqa: E402
 from longrope_cli.rope.rotary import install_factors, remove_factors  # noqa: E402
 from longrope_cli.search.evaluator import LocalEvaluator  # noqa: E402
-from longrope_cli.search.runner import run_search  # noqa: E402
+from longrope_cli.stages.search import run_search  # noqa: E402
 
 # --------------------------------------------------------------------------- measuring
 

@@ -16,6 +16,62 @@ import torch  # noqa: E402
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 SPLIT_SEEDS = {"train": 1, "search": 2, "eval": 3}
+
+# The sizes of every small real search in the tests (seconds on the tiny model): 8 + k x 6 evaluations after k
+# generations. One definition; a test adds only what it means to vary (`small_search(iterations=3)`).
+SMALL_SEARCH = {"population": 8, "survivors": 4, "mutations": 3, "crossovers": 3, "documents": 2}
+
+
+def small_search(**changes) -> list[str]:
+    """SMALL_SEARCH (updated with `changes`) as `search.key=value` overrides for load_recipe or the CLI."""
+    def text(value) -> str:
+        return str(value).lower() if isinstance(value, bool) else str(value)
+    return [f"search.{key}={text(value)}" for key, value in {**SMALL_SEARCH, **changes}.items()]
+
+
+def longrope_args(argv: list[str]) -> list[str] | None:
+    """The arguments after `longrope` (or `-m longrope_cli`) in a shell command, e.g. under torchrun or srun;
+    None when the command does not run longrope."""
+    for i, arg in enumerate(argv):
+        if arg == "longrope" or (arg == "longrope_cli" and i > 0 and argv[i - 1] == "-m"):
+            return argv[i + 1:]
+    return None
+
+
+def longrope_usage_problems(args: list[str]) -> list[str]:
+    """What is wrong with `longrope ARGS` as documented: an unknown command or sub-command, an option the command
+    does not have, or a `section.key=value` (also `STAGE.section.key=value`) naming no recipe key."""
+    import click
+
+    from longrope_cli.cli.main import cli
+    from longrope_cli.recipe import field_docs
+
+    ctx = click.Context(cli)
+    command = cli.get_command(ctx, args[0]) if args else None
+    if command is None:
+        return [f"longrope {' '.join(args[:1])}: no such command"]
+    words, rest = [args[0]], args[1:]
+    if isinstance(command, click.Group):  # longrope recipe ls / cp / show / validate / fields
+        sub = command.get_command(ctx, rest[0]) if rest else None
+        if sub is None:
+            return [f"longrope {' '.join(args[:2])}: no such sub-command"]
+        command, words, rest = sub, [*words, rest[0]], rest[1:]
+    options = {opt for param in command.params for opt in (*param.opts, *param.secondary_opts)} | {"--help", "-h"}
+    keys = {row[0] for row in field_docs()}
+    sections = {key.split(".")[0] for key in keys}
+    problems = []
+    for arg in rest:
+        name = arg.split("=", 1)[0]
+        if arg.startswith("-") and name not in options:
+            problems.append(f"longrope {' '.join(words)}: no option {name}")
+        elif not arg.startswith("-") and "=" in arg and "." in name:
+            parts = name.split(".")
+            key = ".".join(parts[1:]) if parts[0] not in sections and len(parts) > 2 else name  # STAGE.section.key
+            if key.split(".")[0] in sections and key not in keys:
+                problems.append(f"longrope {' '.join(words)}: no recipe key {key}")
+    return problems
+
+
 WORDS = ["the", "of", "and", "to", "a", "in", "that", "was", "her", "she", "it", "not", "be", "his", "as", "had", "with", "for", "you", "he", "but", "my", "all", "so", "at", "which", "have", "by", "on", "mr", "elizabeth", "would", "very", "could", "said", "they", "were", "been", "from", "this", "sister", "more", "what"]
 
 

@@ -6,13 +6,13 @@ import pytest
 import torch
 
 import longrope_cli
+from conftest import SMALL_SEARCH
 from longrope_cli import extend_context, load_model, remove_factors, save_factors, use_factors
 from longrope_cli.errors import DataError, RecipeError
 from longrope_cli.rope.factors import load_factors
 from longrope_cli.rope.rotary import installed_factors
 
-SMALL = {"population": 6, "survivors": 3, "mutations": 2, "crossovers": 2, "iterations": 1, "documents": 2,
-         "start_tokens": 0}
+SMALL = {**SMALL_SEARCH, "iterations": 1, "start_tokens": 0}
 
 
 def test_every_public_name_is_documented():

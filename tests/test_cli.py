@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +12,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from conftest import longrope_args, longrope_usage_problems
 from longrope_cli import __version__
 from longrope_cli.cli.main import COMMANDS, cli
 
@@ -20,19 +23,35 @@ def run(*args: str):
     return CliRunner().invoke(cli, list(args))
 
 
+def examples(help_text: str) -> list[list[str]]:
+    """The `$ ...` lines of a help text's Examples section, as argv (comments and continuations removed)."""
+    assert "Examples:" in help_text, help_text
+    text = re.sub(r"\\\n\s*", " ", help_text.split("Examples:", 1)[1])
+    return [shlex.split(line.strip()[2:], comments=True) for line in text.splitlines()
+            if line.strip().startswith("$ ")]
+
+
 def test_version_and_group_help():
-    assert run("--version").output.strip().endswith(__version__)
+    assert run("--version").output.strip().endswith(f"longrope, version {__version__}")
     out = run("--help").output
-    for name in COMMANDS:
-        assert name in out
-    assert "$ longrope search" in out
+    listing = out.split("Commands:\n", 1)[1].splitlines()
+    rows = [line.split(None, 1) for line in listing if line.startswith("  ")]
+    assert [name for name, _ in rows] == list(COMMANDS)  # every command, in order, and nothing else
+    assert all(len(text.strip()) > 10 for _, text in rows), rows  # each with its one-line help
+    calls = [longrope_args(argv) for argv in examples(out)]
+    assert {args[0] for args in calls if args} == set(COMMANDS) - {"readjust"} | {"run", "recipe"}
+    problems = [p for args in calls if args for p in longrope_usage_problems(args)]
+    assert not problems, "\n".join(problems)
 
 
 @pytest.mark.parametrize("command", sorted(COMMANDS))
-def test_every_command_has_examples(command):
+def test_every_command_has_examples_that_it_accepts(command):
     result = run(command, "--help")
     assert result.exit_code == 0, result.output
-    assert f"$ longrope {command}" in result.output or "$ longrope" in result.output
+    calls = [args for args in map(longrope_args, examples(result.output)) if args is not None]
+    assert any(args[0] == command for args in calls), f"no `$ longrope {command} ...` example:\n{result.output}"
+    problems = [p for args in calls for p in longrope_usage_problems(args)]
+    assert not problems, "\n".join(problems)
 
 
 def test_recipe_show_validate_fields(tmp_path):

@@ -11,7 +11,7 @@ import torch.distributed.fsdp
 from conftest import tiny_llama
 from longrope_cli.errors import RecipeError
 from longrope_cli.recipe import ParallelConfig
-from longrope_cli.search.evaluator import local_gpu, uses_cuda
+from longrope_cli.runtime import local_gpu, uses_cuda
 from longrope_cli.training.distributed import ParallelEnv, setup_parallel, wrap_for_training
 
 

@@ -11,12 +11,14 @@ import torch
 from click.testing import CliRunner
 
 from longrope_cli.errors import FactorFileError, RecipeError
-from longrope_cli.evaluate import runner
+from longrope_cli.evaluate import methods as eval_methods
+from longrope_cli.evaluate import sliding
 from longrope_cli.evaluate.perplexity import window_nll
 from longrope_cli.models import load_model
 from longrope_cli.recipe import build_recipe
 from longrope_cli.report import PLOTS, markdown_table, perplexity_table, write_plots
 from longrope_cli.rope.factors import FactorSet
+from longrope_cli.stages import evaluate as runner
 
 ORIGINAL = 64
 
@@ -45,7 +47,7 @@ def test_results_json_plots_and_table(lm, tiny_model_dir, tiny_corpus, tmp_path)
     recipe = make_recipe(tiny_model_dir, tiny_corpus, methods=["none", "pi", "dynamic-ntk", "yarn",
                                                                str(search_dir / "factors.json")],
                          passkey_lengths=[512], passkey_depths=[0.0, 1.0], passkey_trials=2, plots=True)
-    path = runner.run_eval(recipe, tmp_path / "out", lm=lm, progress=False)
+    path = runner.run_eval(recipe, tmp_path / "out", lm=lm, progress=False).artifact
     results = json.loads(path.read_text())
 
     assert results["format"] == "longrope-eval" and results["complete"] is True
@@ -147,7 +149,7 @@ def reference_sliding(model, tokens: torch.Tensor, length: int, stride: int) -> 
 def test_sliding_window_counts_each_token_once(lm, length, stride):
     torch.manual_seed(0)
     tokens = torch.randint(0, lm.model.config.vocab_size, (100,))
-    nll, count = runner.sliding_nll(lm.model, tokens, length, stride, chunk=13)
+    nll, count = sliding.sliding_nll(lm.model, tokens, length, stride, chunk=13)
     # stride = length would never predict a window's first token: the documented cap is length - 1
     ref, seen = reference_sliding(lm.model, tokens, length, min(stride, length - 1))
     assert count == 99 and seen[1:] == [1] * 99 and seen[0] == 0
@@ -157,12 +159,12 @@ def test_sliding_window_counts_each_token_once(lm, length, stride):
 def test_sliding_with_one_window_is_truncated_perplexity(lm):
     torch.manual_seed(1)
     tokens = torch.randint(0, lm.model.config.vocab_size, (64,))
-    assert runner.sliding_nll(lm.model, tokens, 64, 32) == pytest.approx(window_nll(lm.model, tokens.view(1, -1)))
+    assert sliding.sliding_nll(lm.model, tokens, 64, 32) == pytest.approx(window_nll(lm.model, tokens.view(1, -1)))
 
 
 def test_sliding_mode_in_run_eval(lm, tiny_model_dir, tiny_corpus, tmp_path):
     recipe = make_recipe(tiny_model_dir, tiny_corpus, mode="sliding", lengths=[32], sliding_tokens=96, methods=["none"])
-    results = json.loads(runner.run_eval(recipe, tmp_path, lm=lm, progress=False).read_text())
+    results = json.loads(runner.run_eval(recipe, tmp_path, lm=lm, progress=False).artifact.read_text())
     (cell,) = results["perplexity"]
     assert cell["tokens"] == 2 * 95 and results["provenance"]["data"]["windows"]["32"]["stride"] == 16
 
@@ -170,7 +172,7 @@ def test_sliding_mode_in_run_eval(lm, tiny_model_dir, tiny_corpus, tmp_path):
 def test_same_text_mode_scores_the_same_tokens_at_every_length(lm, tiny_model_dir, tiny_corpus, tmp_path):
     recipe = make_recipe(tiny_model_dir, tiny_corpus, mode="same-text", lengths=[33, 65, 129], documents=2,
                          methods=["none"])
-    results = json.loads(runner.run_eval(recipe, tmp_path, lm=lm, progress=False).read_text())
+    results = json.loads(runner.run_eval(recipe, tmp_path, lm=lm, progress=False).artifact.read_text())
     cells = {c["length"]: c for c in results["perplexity"]}
     assert {n: c["windows"] for n, c in cells.items()} == {33: 8, 65: 4, 129: 2}
     assert {c["tokens"] for c in cells.values()} == {2 * 128}  # every text token predicted once at each length
@@ -185,7 +187,7 @@ def test_factor_file_labels_and_short_factor_switch(lm, tmp_path):
     both.save(tmp_path / "hand.json", lm.layout)
     (tmp_path / "b" / "run-2k").mkdir(parents=True)
     both.save(tmp_path / "b" / "run-2k" / "factors.json", lm.layout)
-    methods = runner.resolve_methods(["none", "YaRN", str(tmp_path / "a" / "run-2k" / "factors.json"),
+    methods = eval_methods.resolve_methods(["none", "YaRN", str(tmp_path / "a" / "run-2k" / "factors.json"),
                                       str(tmp_path / "hand.json"), str(tmp_path / "b" / "run-2k" / "factors.json")],
                                      lm.layout)
     assert [m.label for m in methods] == ["none", "yarn", "run-2k", "hand", "run-2k-2"]
@@ -208,15 +210,15 @@ def test_factor_file_labels_and_short_factor_switch(lm, tmp_path):
 
 def test_bad_method_names_are_one_line_errors(lm, tmp_path):
     with pytest.raises(RecipeError, match="unknown method 'yran': did you mean 'yarn'"):
-        runner.check_method_names(["none", "yran"])
+        eval_methods.check_method_names(["none", "yran"])
     with pytest.raises(FactorFileError, match="not found"):
-        runner.check_method_names(["missing/factors.json"])
+        eval_methods.check_method_names(["missing/factors.json"])
     with pytest.raises(RecipeError, match="twice"):
-        runner.resolve_methods(["pi", "pi"], lm.layout)
+        eval_methods.resolve_methods(["pi", "pi"], lm.layout)
     other = tmp_path / "other.json"
     other.write_text(json.dumps({"long_factor": [1.0] * 3}))
     with pytest.raises(FactorFileError, match="frequency pairs"):
-        runner.resolve_methods([str(other)], lm.layout)
+        eval_methods.resolve_methods([str(other)], lm.layout)
 
 
 def test_cli_bad_method_exits_2_with_one_line(tiny_model_dir, tmp_path):

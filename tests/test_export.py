@@ -131,7 +131,8 @@ def test_export_cli(tiny_model_dir, tmp_path):
     result = runner.invoke(cli, ["export", "--model", str(tiny_model_dir), "--factors", str(path),
                                  "--out", str(tmp_path / "out")])
     assert result.exit_code == 0, result.output
-    assert json.loads((tmp_path / "out" / "config.json").read_text())["max_position_embeddings"] == 512
+    assert json.loads((tmp_path / "out" / "model" / "config.json").read_text())["max_position_embeddings"] == 512
+    assert {"recipe.yaml", "env.json", "log.txt", "complete.json"} <= {p.name for p in (tmp_path / "out").iterdir()}
     bad = runner.invoke(cli, ["export", "--model", str(tmp_path / "missing"), "--factors", str(path),
                               "--out", str(tmp_path / "o2")])
     assert bad.exit_code == 2

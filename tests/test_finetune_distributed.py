@@ -17,11 +17,11 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from longrope_cli.finetune import run_finetune
 from longrope_cli.models import load_model
 from longrope_cli.outputs import is_complete
 from longrope_cli.recipe import load_recipe
 from longrope_cli.rope.baselines import yarn_factors
+from longrope_cli.stages.finetune import run_finetune
 from longrope_cli.training.checkpoint import find_checkpoint, read_trainer_state
 
 pytestmark = pytest.mark.integration
@@ -81,10 +81,11 @@ def test_two_gloo_ranks_match_one_process(recipe_file, single, tmp_path, fsdp):
 
 SIGTERM_WORKER = """
 import signal, sys
-from longrope_cli import finetune as ft
 from longrope_cli.recipe import load_recipe
+from longrope_cli.stages import finetune as ft
+from longrope_cli.training.trainer import Finetune
 
-real_step = ft.Finetune.step
+real_step = Finetune.step
 
 def step(self, index):
     result = real_step(self, index)
@@ -92,7 +93,7 @@ def step(self, index):
         signal.raise_signal(signal.SIGTERM)
     return result
 
-ft.Finetune.step = step
+Finetune.step = step
 ft.run_finetune(load_recipe(sys.argv[1], ["parallel.fsdp=true"]), sys.argv[2], progress=False)
 """
 

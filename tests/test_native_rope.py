@@ -206,7 +206,7 @@ def test_native_base_for_the_search(tmp_path, tiny_tokenizer):
 
 def test_eval_none_is_the_model_as_shipped(tmp_path, tiny_tokenizer, tiny_corpus):
     from longrope_cli.data import load_corpus, tokenize_documents
-    from longrope_cli.evaluate import runner
+    from longrope_cli.stages import evaluate as runner
     from longrope_cli.evaluate.perplexity import score_perplexity
     from longrope_cli.models import load_model
     from longrope_cli.recipe import build_recipe
@@ -218,7 +218,7 @@ def test_eval_none_is_the_model_as_shipped(tmp_path, tiny_tokenizer, tiny_corpus
     recipe = build_recipe({"model": {"name": str(tmp_path / "m"), "device": "cpu"},
                            "data": {"corpus": str(tiny_corpus), "cache_dir": str(tmp_path / "tokens")},
                            "eval": {"lengths": [256], "methods": ["none", "pi"], "documents": 1, "plots": False}})
-    results = json.loads(runner.run_eval(recipe, tmp_path / "out", lm=lm, progress=False).read_text())
+    results = json.loads(runner.run_eval(recipe, tmp_path / "out", lm=lm, progress=False).artifact.read_text())
     cells = {c["method"]: c["perplexity"] for c in results["perplexity"]}
     docs = tokenize_documents(load_corpus(str(tiny_corpus)).split("eval"), lm.tokenizer, tmp_path / "tokens")
     windows, _, _ = runner._windows_for(recipe, docs, lm.tokenizer.bos_token_id, 256)
@@ -238,7 +238,7 @@ def test_search_on_a_prescaled_model_extends_it_from_what_it_ships(tmp_path):
     from conftest import build_tiny_tokenizer
     from longrope_cli.models import load_model
     from longrope_cli.recipe import load_recipe
-    from longrope_cli.search.runner import run_search
+    from longrope_cli.stages.search import run_search
 
     model = tiny_llama({"rope_type": "linear", "factor": 4.0}, max_positions=256)
     model.save_pretrained(tmp_path / "m")

@@ -12,7 +12,7 @@ from longrope_cli.evaluate.perplexity import score_perplexity
 from longrope_cli.models import load_model
 from longrope_cli.recipe import load_recipe
 from longrope_cli.search.needle import needle_windows
-from longrope_cli.search.runner import run_search
+from longrope_cli.stages.search import run_search
 
 
 @pytest.fixture(scope="module")

@@ -19,6 +19,8 @@ from longrope_cli.cli.main import cli
 from longrope_cli.errors import RecipeError
 from longrope_cli.outputs import is_complete, mark_complete
 from longrope_cli.recipe import load_recipe
+from longrope_cli.stages import STAGES
+from longrope_cli.stages.folder import StageResult
 
 RECIPE = {
     "model": {"name": "testbed"},
@@ -46,8 +48,7 @@ class Stubs:
     def __init__(self, monkeypatch: pytest.MonkeyPatch, fail: str | None = None) -> None:
         self.calls: list[tuple[str, object, bool]] = []
         self.fail = fail
-        for command in ("search", "finetune", "readjust", "eval", "export"):
-            monkeypatch.setitem(pipeline.STAGE_FUNCTIONS, command, self._stub(command))
+        self.runners = {command: self._stub(command) for command in STAGES}
 
     def _stub(self, command: str):
         def run(recipe, out_dir, *, resume=False, progress=True, **kwargs):
@@ -59,7 +60,7 @@ class Stubs:
                 raise KeyboardInterrupt  # a kill in the middle of the stage
             (out / "factors.json").write_text("{}")
             mark_complete(out, command, out / "factors.json", best_perplexity=12.5)
-            return out / "factors.json"
+            return StageResult(stage=command, out=out, artifact=out / "factors.json")
         return run
 
     @property
@@ -73,7 +74,7 @@ class Stubs:
 def test_stages_run_in_order_with_their_folders(tmp_path, monkeypatch):
     stubs = Stubs(monkeypatch)
     root = tmp_path / "out"
-    outcomes = pipeline.run_pipeline(write_recipe(tmp_path), out_root=root, progress=False)
+    outcomes = pipeline.run_pipeline(write_recipe(tmp_path), out_root=root, progress=False, runners=stubs.runners)
     assert stubs.names == ["s1", "ft", "s2", "ev"]
     assert [o.status for o in outcomes] == ["ran"] * 4
     ft, s2, ev = stubs.recipe("ft"), stubs.recipe("s2"), stubs.recipe("ev")
@@ -103,57 +104,58 @@ def test_killed_pipeline_skips_complete_and_resumes_partial(tmp_path, monkeypatc
     recipe, root = write_recipe(tmp_path), tmp_path / "out"
     stubs = Stubs(monkeypatch, fail="ft")
     with pytest.raises(KeyboardInterrupt):
-        pipeline.run_pipeline(recipe, out_root=root, progress=False)
+        pipeline.run_pipeline(recipe, out_root=root, progress=False, runners=stubs.runners)
     assert stubs.names == ["s1", "ft"]
     assert is_complete(root / "s1") and not is_complete(root / "ft")
 
     stubs = Stubs(monkeypatch)
-    outcomes = pipeline.run_pipeline(recipe, out_root=root, progress=False)
+    outcomes = pipeline.run_pipeline(recipe, out_root=root, progress=False, runners=stubs.runners)
     assert stubs.names == ["ft", "s2", "ev"]  # s1 is not run again
     assert [resume for _, _, resume in stubs.calls] == [True, False, False]
     assert [o.status for o in outcomes] == ["skipped", "resumed", "ran", "ran"]
 
     stubs = Stubs(monkeypatch)
-    pipeline.run_pipeline(recipe, out_root=root, progress=False)
+    pipeline.run_pipeline(recipe, out_root=root, progress=False, runners=stubs.runners)
     assert stubs.names == []  # everything complete
 
 
 def test_override_precedence(tmp_path, monkeypatch):
     stubs = Stubs(monkeypatch)
     overrides = ["search.population=4", "search.target=4k", "s2.search.iterations=1", "ft.finetune.target=1k"]
-    pipeline.run_pipeline(write_recipe(tmp_path), overrides, out_root=tmp_path / "o", progress=False)
+    pipeline.run_pipeline(write_recipe(tmp_path), overrides, out_root=tmp_path / "o", progress=False,
+                          runners=stubs.runners)
     s1, s2, ft = stubs.recipe("s1"), stubs.recipe("s2"), stubs.recipe("ft")
     assert s1.search.population == s2.search.population == 4  # command line beats the sections
-    assert s1.search.target == 2048  # a stage's own override beats the command line ...
-    assert ft.finetune.target == 1024  # ... and a command-line override addressed to the stage beats it
+    # ... and the stages' own overrides: they are part of the recipe file (defaults < recipe < key=value)
+    assert s1.search.target == s2.search.target == 4096
+    assert ft.finetune.target == 1024  # a command-line override addressed to one stage beats them all
     assert s2.search.iterations == 1 and s1.search.iterations == 3
 
 
-def test_stage_without_completion_marker_is_marked(tmp_path, monkeypatch):
-    Stubs(monkeypatch)
-    calls = []
+def test_a_stage_that_returns_without_its_completion_marker_fails_the_pipeline(tmp_path, monkeypatch):
+    stubs = Stubs(monkeypatch)
 
     def forgetful(recipe, out_dir, *, resume=False, progress=True):
-        calls.append(out_dir)
-        return Path(out_dir) / "results.json"
+        return StageResult(stage="eval", out=Path(out_dir), artifact=Path(out_dir) / "results.json")
 
-    monkeypatch.setitem(pipeline.STAGE_FUNCTIONS, "eval", forgetful)
-    pipeline.run_pipeline(write_recipe(tmp_path), out_root=tmp_path / "o", progress=False)
-    marker = json.loads((tmp_path / "o" / "ev" / "complete.json").read_text())
-    assert calls and marker["artifact"] == "results.json"
+    with pytest.raises(RuntimeError, match="without writing complete.json"):
+        pipeline.run_pipeline(write_recipe(tmp_path), out_root=tmp_path / "o", progress=False,
+                              runners={**stubs.runners, "eval": forgetful})
+    assert not is_complete(tmp_path / "o" / "ev") and is_complete(tmp_path / "o" / "s2")
 
 
 def test_export_stage_takes_the_previous_factors(tmp_path, monkeypatch):
     stubs = Stubs(monkeypatch)
     seen = {}
 
-    def export(recipe, out_dir, *, resume=False, progress=True, factors=None):
-        seen["factors"] = factors
+    def export(recipe, out_dir, *, resume=False, progress=True):
+        seen["factors"] = recipe.export.factors
         mark_complete(out_dir, "export", Path(out_dir))
+        return StageResult(stage="export", out=Path(out_dir), artifact=Path(out_dir))
 
-    monkeypatch.setitem(pipeline.STAGE_FUNCTIONS, "export", export)
     data = {**RECIPE, "stages": RECIPE["stages"] + [{"name": "final", "command": "export"}]}
-    pipeline.run_pipeline(write_recipe(tmp_path, data), out_root=tmp_path / "o", progress=False)
+    pipeline.run_pipeline(write_recipe(tmp_path, data), out_root=tmp_path / "o", progress=False,
+                          runners={**stubs.runners, "export": export})
     assert seen["factors"] == str(tmp_path / "o" / "s2" / "factors.json")  # the last stage that writes factors
     assert stubs.names[-1] == "ev"
 
@@ -171,7 +173,8 @@ def test_recipe_mistakes_are_one_line_errors_before_anything_runs(tmp_path, monk
     data = json.loads(json.dumps(RECIPE))
     change(data)
     with pytest.raises(RecipeError, match=message):
-        pipeline.run_pipeline(write_recipe(tmp_path, data), out_root=tmp_path / "o", progress=False)
+        pipeline.run_pipeline(write_recipe(tmp_path, data), out_root=tmp_path / "o", progress=False,
+                              runners=stubs.runners)
     assert stubs.names == []
 
 

@@ -9,12 +9,12 @@ import pytest
 from longrope_cli.errors import RecipeError
 from longrope_cli.models import load_model
 from longrope_cli.outputs import is_complete
-from longrope_cli.readjust import run_readjust
 from longrope_cli.recipe import load_recipe
 from longrope_cli.rope.baselines import yarn_factors
 from longrope_cli.rope.export import longrope_rope_parameters
 from longrope_cli.rope.factors import load_factors
 from longrope_cli.rope.rotary import installed_factors
+from longrope_cli.stages.readjust import run_readjust
 
 SMALL = ["readjust.population=8", "readjust.iterations=2", "readjust.documents=2"]
 
@@ -38,7 +38,7 @@ def long_factors_score(monkeypatch, value):
     """Fix the score of the long factors used at short lengths (a random model makes either side win)."""
     from types import SimpleNamespace
 
-    from longrope_cli import readjust as readjust_module
+    from longrope_cli.stages import readjust as readjust_module
 
     real = readjust_module.score_perplexity
 

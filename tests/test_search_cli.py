@@ -11,11 +11,10 @@ import logging
 import pytest
 from click.testing import CliRunner
 
-from conftest import requires_testbed
+from conftest import requires_testbed, small_search
 from longrope_cli.cli.main import cli
 
-SMALL = ["search.population=6", "search.survivors=3", "search.mutations=2", "search.crossovers=2",
-         "search.documents=2"]
+SMALL = small_search()
 
 
 @pytest.fixture(autouse=True)
@@ -77,7 +76,7 @@ def test_testbed_search_resume_readjust_export(tmp_path):
     assert resumed.exit_code == 0, resumed.output
     factors = json.loads((search_out / "factors.json").read_text())
     assert len(factors["long_factor"]) == 32 and factors["target_length"] == 2048
-    assert factors["provenance"]["evaluations"] == 6 + 2 * 4
+    assert factors["provenance"]["evaluations"] == 8 + 2 * 6  # conftest.SMALL_SEARCH, 2 generations
     readjust_out = tmp_path / "readjust"
     result = run("readjust", "--model", "testbed", "--factors", str(search_out / "factors.json"), "--lengths",
                  "128,256", "--out", str(readjust_out), "--no-progress", "readjust.population=4",
@@ -88,5 +87,5 @@ def test_testbed_search_resume_readjust_export(tmp_path):
     exported = run("export", "--model", "testbed", "--factors", str(readjust_out / "factors.json"), "--out",
                    str(tmp_path / "export"))
     assert exported.exit_code == 0, exported.output
-    config = json.loads((tmp_path / "export" / "config.json").read_text())
+    config = json.loads((tmp_path / "export" / "model" / "config.json").read_text())
     assert config["rope_scaling"]["short_factor"] == final["short_factor"]

@@ -9,15 +9,14 @@ import sys
 
 import torch
 
+from conftest import small_search
 from longrope_cli.models import load_model
 from longrope_cli.recipe import load_recipe
-from longrope_cli.search.runner import run_search
+from longrope_cli.stages.search import run_search
 
-SEARCH = ["search.population=8", "search.survivors=4", "search.mutations=3", "search.crossovers=3",
-          "search.iterations=2", "search.documents=2", "search.racing=true", "search.seed=3",
-          # what runs after the evolution is spread over the ranks too (rank 0 alone would idle the others)
-          "search.validate_top=3", "search.validate_documents=2", "search.attention_search=true",
-          "search.attention_search_evals=4"]
+SEARCH = small_search(iterations=2, racing=True, seed=3,
+                      # what runs after the evolution is spread over the ranks too (rank 0 alone would idle the others)
+                      validate_top=3, validate_documents=2, attention_search=True, attention_search_evals=4)
 
 
 def test_two_gloo_ranks_match_the_local_search(tiny_model_dir, tiny_corpus, tmp_path):

@@ -7,14 +7,14 @@ import math
 
 import pytest
 
+from conftest import small_search
 from longrope_cli.errors import RecipeError
 from longrope_cli.models import load_model
 from longrope_cli.outputs import atomic_write_json, is_complete
 from longrope_cli.recipe import load_recipe
-from longrope_cli.search.runner import run_search
+from longrope_cli.stages.search import run_search
 
-SMALL = ["search.population=4", "search.survivors=2", "search.mutations=1", "search.crossovers=1",
-         "search.iterations=1", "search.documents=2"]
+SMALL = small_search(iterations=1)
 
 
 def strict_load(path):

@@ -10,15 +10,16 @@ from dataclasses import replace
 
 import pytest
 
+from conftest import small_search
 from longrope_cli.models import load_model
 from longrope_cli.recipe import load_recipe
 from longrope_cli.rope.baselines import pi_factors
 from longrope_cli.rope.layout import RopeLayout
-from longrope_cli.search.runner import critical_pair, resolve_search, run_search, search_problem
+from longrope_cli.search.problem import critical_pair, resolve_search, search_problem
+from longrope_cli.stages.search import run_search
 
 TARGET = 256
-SMALL = ["search.population=8", "search.survivors=4", "search.mutations=3", "search.crossovers=3",
-         "search.iterations=2", "search.documents=2", "search.attention_search=false"]
+SMALL = small_search(iterations=2, attention_search=False)
 
 
 def recipe_for(model_dir, corpus, *overrides, target=TARGET):
@@ -110,8 +111,8 @@ def test_critical_dim_search_moves_the_boundary_to_the_best_seed_and_resumes(lm,
 
 def test_critical_dim_search_prefers_a_boundary_when_it_scores_better():
     from longrope_cli.search.evaluator import Evaluator, Fitness
+    from longrope_cli.search.problem import choose_critical_dim
     from longrope_cli.search.refine import ScoreBook
-    from longrope_cli.search.runner import choose_critical_dim
 
     layout = RopeLayout(rotary_dim=64, rope_theta=10000.0, original_length=256, head_dim=64)
 

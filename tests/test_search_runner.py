@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import small_search
 from longrope_cli.errors import RecipeError
 from longrope_cli.models import load_model
 from longrope_cli.outputs import is_complete
@@ -26,12 +27,11 @@ from longrope_cli.rope.factors import load_factors
 from longrope_cli.rope.rotary import installed_factors
 from longrope_cli.search import evaluator as evaluator_module
 from longrope_cli.search import state as state_module
-from longrope_cli.search.runner import run_search
+from longrope_cli.stages.search import run_search
 
 TARGET = 256  # 4x the tiny model's window
 
-SMALL = ["search.population=8", "search.survivors=4", "search.mutations=3", "search.crossovers=3",
-         "search.iterations=3", "search.documents=2", "search.attention_search=false"]
+SMALL = small_search(iterations=3, attention_search=False)
 
 
 def recipe_for(model_dir: Path, corpus: Path, *overrides: str, target: int = TARGET):
@@ -240,9 +240,18 @@ def test_resume_recovers_scores_logged_after_the_last_checkpoint(lm, tiny_model_
     assert resumed.counters["cache_hits"] == reference.counters["cache_hits"]
 
 
+def kill_seed() -> int:
+    """The seed of the SIGKILL test's random choices: LONGROPE_KILL_SEED if set (to replay a failure), else fresh."""
+    return int(os.environ.get("LONGROPE_KILL_SEED") or random.SystemRandom().randrange(2**32))
+
+
 def test_sigkill_at_a_random_moment_then_resume_gives_the_uninterrupted_factors(lm, tiny_model_dir, tiny_corpus,
                                                                                  tmp_path):
-    overrides = ["search.iterations=4", "search.documents=3", f"search.seed={random.randrange(1000)}"]
+    seed = kill_seed()
+    rng = random.Random(seed)  # every random choice below (search seed, kill moment) comes from it
+    replay = f"LONGROPE_KILL_SEED={seed}"
+    print(f"kill seed: {replay}")  # shown by pytest with a failure's captured output
+    overrides = ["search.iterations=4", "search.documents=3", f"search.seed={rng.randrange(1000)}"]
     target = 2 * TARGET  # slower candidates: the kill lands mid-search
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the same arithmetic as the 1-thread subprocess
@@ -250,7 +259,9 @@ def test_sigkill_at_a_random_moment_then_resume_gives_the_uninterrupted_factors(
         reference = run_search(recipe_for(tiny_model_dir, tiny_corpus, *overrides, target=target),
                                tmp_path / "ref", lm=lm, progress=False)
         total = reference.evaluations
-        kill_after = random.randint(1, total - 2)
+        kill_after = rng.randint(1, total - 2)
+        delay = rng.uniform(0.0, 0.03)
+        aim = f"{replay}: {overrides[-1]}, kill after {kill_after} of {total} evaluations + {delay * 1000:.1f} ms"
         out = tmp_path / "killed"
         command = [sys.executable, "-m", "longrope_cli", "search", "--model", str(tiny_model_dir), "--device", "cpu",
                    "--target", str(target), "--out", str(out), "--no-progress", f"data.corpus={tiny_corpus}",
@@ -261,18 +272,18 @@ def test_sigkill_at_a_random_moment_then_resume_gives_the_uninterrupted_factors(
         deadline = time.monotonic() + 120
         while proc.poll() is None and time.monotonic() < deadline:
             if log_file.is_file() and log_file.read_bytes().count(b"\n") >= kill_after:
-                time.sleep(random.uniform(0.0, 0.03))
+                time.sleep(delay)
                 break
             time.sleep(0.002)
         proc.send_signal(signal.SIGKILL)
         _, stderr = proc.communicate()
-        assert proc.returncode in (-signal.SIGKILL, 0), stderr.decode()[-2000:]
+        assert proc.returncode in (-signal.SIGKILL, 0), f"{aim}\n{stderr.decode()[-2000:]}"
         done_before = len(read_log(out)) if log_file.is_file() else 0
         resumed = run_search(recipe_for(tiny_model_dir, tiny_corpus, *overrides, target=target), out, lm=lm,
                              resume=True, progress=False)
     finally:
         torch.set_num_threads(threads)
-    message = f"killed after {done_before} of {total} evaluations (aimed at {kill_after})"
+    message = f"{aim}: killed after {done_before} (exit {proc.returncode}); rerun with {replay} to replay the aim"
     assert resumed.best.long_factor == reference.best.long_factor, message
     assert resumed.best.start_tokens == reference.best.start_tokens, message
     assert resumed.best_perplexity == reference.best_perplexity, message

@@ -11,6 +11,7 @@
 #
 # Options: --nodes N (fine-tuning nodes, default 2), --gpus-per-node G (default 8), --sbatch "ARGS" (added
 # to every sbatch), --dry-run. Environment: LONGROPE (the CLI, default `longrope`), SBATCH (default `sbatch`).
+# Needs bash >= 4.4 and a python3 on PATH (its shlex splits the printed commands).
 set -euo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 DRY=0; NODES=2; GPUS=8; EXTRA_SBATCH=""; ARGS=()
@@ -20,7 +21,7 @@ while [ $# -gt 0 ]; do
     --nodes) NODES=$2; shift ;;
     --gpus-per-node) GPUS=$2; shift ;;
     --sbatch) EXTRA_SBATCH=$2; shift ;;
-    -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,/^[^#]/{/^#/p}' "$0"; exit 0 ;;
     *) ARGS+=("$1") ;;
   esac
   shift
@@ -30,10 +31,23 @@ read -r -a LONGROPE_CMD <<< "${LONGROPE:-longrope}"
 read -r -a SBATCH_CMD <<< "${SBATCH:-sbatch}"
 read -r -a EXTRA <<< "$EXTRA_SBATCH"
 PLAN=$("${LONGROPE_CMD[@]}" run "${ARGS[@]}" --dry-run)
+# The dry run prints shell-quoted commands (Python's shlex.join); split them back with shlex, never `eval`,
+# so a path holding $(...), backticks, ; or quotes is passed on literally, never run.
+split_words() {  # one NUL-terminated word each, for mapfile -d ''
+  python3 -c '
+import shlex, sys
+try:
+    words = shlex.split(sys.argv[1])
+except ValueError as err:
+    sys.exit(f"{err}")
+sys.stdout.write("".join(word + "\0" for word in words))' "$1"
+}
 previous=""; index=0
 while IFS= read -r line; do
   case "$line" in "#"*|"") continue ;; esac
-  eval "words=($line)"   # the dry run prints shell-quoted commands
+  words=()
+  mapfile -d '' -t words < <(split_words "$line")
+  if ! wait $! || [ ${#words[@]} -lt 2 ]; then echo "cannot parse the stage command: $line" >&2; exit 2; fi
   stage=${words[1]}; index=$((index + 1))
   case "$stage" in
     search|readjust) script=search.sbatch; opts=(--nodes 1 "--gpus-per-node=$GPUS" "--export=ALL,LONGROPE_STAGE=$stage,GPUS_PER_NODE=$GPUS") ;;

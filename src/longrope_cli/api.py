@@ -157,7 +157,7 @@ def extend_context(model: LoadedModel | str, data: Any, target_length: int | str
         >>> result.factors.long_factor[:2], result.perplexity                           # doctest: +SKIP
     """
     from longrope_cli.recipe import build_recipe
-    from longrope_cli.search.runner import resolve_search, run_search, validation_windows
+    from longrope_cli.stages.search import resolve_search, run_search, validation_windows
 
     lm = model if isinstance(model, LoadedModel) else load_model(model)
     target = parse_length(target_length, "target_length")

@@ -12,8 +12,10 @@ import torch
 
 from longrope_cli.errors import ModelError
 from longrope_cli.rope.layout import RopeLayout, layout_from_config
+from longrope_cli.runtime import pick_device, rank_device
 
 if TYPE_CHECKING:
+    from longrope_cli.recipe import ModelConfig
     from longrope_cli.rope.factors import FactorSet
 
 log = logging.getLogger(__name__)
@@ -72,18 +74,6 @@ def resolve_model(name: str) -> tuple[Path, str | None]:
         "(models are never downloaded at run time)")
 
 
-def pick_device(device: str = "auto") -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        resolved = torch.device(device)
-    except RuntimeError:
-        raise ModelError(f"device {device!r} is not a torch device; use auto, cpu or cuda[:N]") from None
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ModelError(f"device {device!r} requested but CUDA is not available; use --device cpu")
-    return resolved
-
-
 def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
     if dtype == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -138,3 +128,12 @@ def load_model(
     if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
         tokenizer.pad_token = tokenizer.eos_token
     return LoadedModel(model=model, tokenizer=tokenizer, layout=layout, name=name, path=path)
+
+
+def load_recipe_model(cfg: ModelConfig, *, device: str | None = None, dtype: str | None = None) -> LoadedModel:
+    """The recipe's `model:` section loaded: the one loader every stage uses. Under several ranks with device
+    auto each rank takes its own local GPU; `device` / `dtype` override the section (the fine-tune keeps fp32
+    master weights, export works on the CPU)."""
+    return load_model(cfg.name, dtype=dtype or cfg.dtype, device=device or rank_device(cfg.device),
+                      attn_implementation=cfg.attn_implementation, original_length=cfg.original_length,
+                      trust_remote_code=cfg.trust_remote_code)

@@ -3,24 +3,42 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 import platform
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from longrope_cli.numbers import json_number
+
+
+def _create_temp(directory: Path, name: str) -> tuple[int, Path]:
+    """A new, empty, uniquely named temporary file beside the target, opened for writing.
+
+    Unlike `tempfile.mkstemp` (always 0600), the file is created with mode 0666 and the kernel applies the
+    process umask (and any default ACL of the folder), exactly as a plain `open(path, "w")` would; the umask is
+    never read or changed, so nothing races with other threads."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
+    for _ in range(100):
+        tmp = directory / f".{name}.{os.urandom(6).hex()}.tmp"
+        try:
+            return os.open(tmp, flags, 0o666), tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no free temporary name for {name!r} in {str(directory)!r}")
+
 
 def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write `text` so that readers see either the old file or the complete new one, never a torn write."""
+    """Write `text` so that readers see either the old file or the complete new one, never a torn write.
+
+    The new file gets the permissions a plain `open(path, "w")` gives a new file (0666 less the umask)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = _create_temp(path.parent, path.name)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             handle.write(text)
@@ -28,15 +46,15 @@ def atomic_write_text(path: str | Path, text: str) -> None:
             os.fsync(handle.fileno())
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
 
 
 def strict_json(data: Any) -> Any:
     """`data` with every non-finite float written as the string "inf", "-inf" or "nan": JSON has no such numbers
     and most readers reject Python's `Infinity` / `NaN`."""
-    if isinstance(data, float) and not math.isfinite(data):
-        return "nan" if math.isnan(data) else ("inf" if data > 0 else "-inf")
+    if isinstance(data, float):
+        return json_number(data)
     if isinstance(data, dict):
         return {key: strict_json(value) for key, value in data.items()}
     if isinstance(data, list | tuple):
@@ -49,21 +67,38 @@ def atomic_write_json(path: str | Path, data: Any) -> None:
     atomic_write_text(path, json.dumps(strict_json(data), indent=2, sort_keys=False, allow_nan=False) + "\n")
 
 
-def git_revision() -> str:
-    """The git revision of the longrope source tree, or 'unknown' for an installed wheel."""
-    here = Path(__file__).resolve().parent
+_PACKAGE_DIR = Path(__file__).resolve().parent
+# Where the package sits in this project's own source checkout (an editable install runs from there too).
+_CHECKOUT_PACKAGE = Path("src") / "longrope_cli"
+
+
+def git_revision(package_dir: str | Path | None = None) -> str:
+    """The git revision of the longrope source checkout this package runs from, or 'unknown'.
+
+    Only a package directory that is exactly `<git toplevel>/src/longrope_cli`, tracked there, counts: an
+    installed wheel (site-packages of a venv that happens to live inside some other git repository, or any copy
+    of the package elsewhere in a checkout) reports 'unknown', not the revision of the repository around it."""
+    here = Path(package_dir).resolve() if package_dir is not None else _PACKAGE_DIR
+    # GIT_DIR / GIT_WORK_TREE (set inside git hooks, say) would point git at another repository.
+    env = {key: value for key, value in os.environ.items() if key not in ("GIT_DIR", "GIT_WORK_TREE")}
+
+    def git(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["git", "-C", str(here), *args], capture_output=True, text=True, timeout=5,
+                              check=False, env=env)
+
     try:
-        out = subprocess.run(
-            ["git", "-C", str(here), "rev-parse", "--short=12", "HEAD"],
-            capture_output=True, text=True, timeout=5, check=False,
-        )
-        dirty = subprocess.run(
-            ["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True, text=True, timeout=5, check=False,
-        )
+        top = git("rev-parse", "--show-toplevel")
+        if top.returncode != 0 or not top.stdout.strip():
+            return "unknown"
+        toplevel = Path(top.stdout.strip()).resolve()
+        if here != toplevel / _CHECKOUT_PACKAGE:
+            return "unknown"
+        tracked = git("ls-files", "--error-unmatch", "--", "__init__.py")
+        out = git("rev-parse", "--short=12", "HEAD")
+        dirty = git("status", "--porcelain", "--untracked-files=no")
     except (OSError, subprocess.SubprocessError):
         return "unknown"
-    if out.returncode != 0:
+    if tracked.returncode != 0 or out.returncode != 0:
         return "unknown"
     return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
 

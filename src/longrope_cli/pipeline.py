@@ -6,9 +6,9 @@
         command: finetune
         overrides: {finetune.factors: "${search-2k}", finetune.target: 2k}
 
-A stage's recipe is, in increasing precedence: the recipe's sections < command-line `key=value`
-overrides < the stage's `overrides` < command-line overrides addressed to the stage
-(`search-2k.search.iterations=2`). `${name}` in any string becomes that stage's output folder,
+A stage's recipe follows the one precedence rule of every command, defaults < recipe < `key=value` < flags:
+the recipe's sections < the stage's `overrides` (both part of the recipe file) < command-line `key=value`
+overrides < command-line overrides addressed to the stage (`search-2k.search.iterations=2`). `${name}` in any string becomes that stage's output folder,
 `<root>/<name>`, where root is `--out`, else `output.dir`, else `runs/<recipe file stem>`.
 A stage whose folder holds complete.json is skipped; a folder without it is resumed (resume=True),
 so rerunning a killed pipeline continues where it stopped. Delete a stage's folder to redo it.
@@ -16,13 +16,12 @@ so rerunning a killed pipeline continues where it stopped. Delete a stage's fold
 
 from __future__ import annotations
 
-import importlib
 import json
 import logging
 import re
 import shlex
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,27 +30,13 @@ import yaml
 
 from longrope_cli.bundled import resolve_recipe
 from longrope_cli.errors import RecipeError
-from longrope_cli.outputs import (
-    COMPLETE_MARKER,
-    atomic_write_json,
-    is_complete,
-    mark_complete,
-    prepare_run_dir,
-)
-from longrope_cli.recipe import Recipe, build_recipe, parse_override, read_recipe_file, recipe_to_dict
+from longrope_cli.outputs import COMPLETE_MARKER, atomic_write_json, is_complete
+from longrope_cli.recipe import Recipe, build_recipe, parse_override, read_recipe_file
+from longrope_cli.stages import STAGES
+from longrope_cli.stages.folder import StageResult
 
 log = logging.getLogger(__name__)
 
-# command -> (module, function) with the signature fn(recipe, out_dir, *, resume, progress); imported when
-# a stage needs it. Tests put plain callables here.
-STAGE_FUNCTIONS: dict[str, tuple[str, str] | Callable[..., Any]] = {
-    "search": ("longrope_cli.search.runner", "run_search"),
-    "finetune": ("longrope_cli.finetune", "run_finetune"),
-    "readjust": ("longrope_cli.readjust", "run_readjust"),
-    "eval": ("longrope_cli.evaluate.runner", "run_eval"),
-    "export": ("longrope_cli.pipeline", "run_export"),
-}
-FACTOR_STAGES = ("search", "finetune", "readjust")  # stages that write DIR/factors.json
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
 _REF = re.compile(r"\$\{([^}]*)\}")
 
@@ -67,7 +52,6 @@ class Stage:
     recipe: Recipe
     overrides: list[str]  # key=value that turn the recipe file into this stage's recipe (for the CLI command)
     status: str  # "complete" (skip), "resume" (folder exists, incomplete) or "run"
-    factors: str | None = None  # export stages
 
 
 @dataclass
@@ -78,18 +62,6 @@ class Outcome:
     seconds: float
     out: Path
     summary: dict[str, Any] = field(default_factory=dict)
-
-
-def stage_function(command: str) -> Callable[..., Any]:
-    target = STAGE_FUNCTIONS[command]
-    if callable(target):
-        return target
-    module, name = target
-    try:
-        return getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError):
-        raise RecipeError(f"stage command {command!r} is not available in this installation "
-                          f"({module}.{name} is missing)") from None
 
 
 def _format_value(value: Any) -> str:
@@ -194,27 +166,25 @@ def plan_pipeline(recipe_path: str | Path, overrides: Sequence[str] = (), *,
         local = [f"{k}={_format_value(_substitute(v, folders, f'{stage.name}.{k}'))}"
                  for k, v in stage.overrides.items()]
         cli = [f"{k}={_format_value(_substitute(v, folders, k))}" for k, v in map(parse_override, stage_cli[stage.name])]
-        stage_overrides = shared + global_cli + local + cli
+        if stage.command == "export" and not any(k.startswith("export.factors=") for k in local + cli + global_cli) \
+                and not base.export.factors:
+            makers = [s.name for s in base.stages[:index] if STAGES[s.command].writes_factors]
+            if not makers:
+                raise RecipeError(f"export stage {stage.name!r} needs export.factors (no earlier stage writes "
+                                  "factors)")
+            local.append(f"export.factors={_format_value(str(folders[makers[-1]] / 'factors.json'))}")
+        stage_overrides = shared + local + global_cli + cli
         try:
             recipe = build_recipe(sections_data, stage_overrides + [f"output.dir={_format_value(str(folders[stage.name]))}"])
         except RecipeError as err:
             raise RecipeError(f"stage {stage.name!r}: {err}") from None
-        factors = _substitute(stage.factors, folders, f"{stage.name}.factors") if stage.factors else None
-        if stage.command == "export" and factors is None:
-            makers = [s.name for s in base.stages[:index] if s.command in FACTOR_STAGES]
-            if not makers:
-                raise RecipeError(f"export stage {stage.name!r} needs `factors:` (no earlier stage writes factors)")
-            factors = str(folders[makers[-1]] / "factors.json")
         plan.append(Stage(index, stage.name, stage.command, folders[stage.name], recipe, stage_overrides,
-                          _status(folders[stage.name]), factors))
+                          _status(folders[stage.name])))
     return root, plan
 
 
 def stage_command(stage: Stage, recipe_path: str | Path) -> list[str]:
     """The `longrope` command line that runs this one stage by hand (or in an sbatch job)."""
-    if stage.command == "export":
-        return ["longrope", "export", "--model", stage.recipe.model.name, "--factors", str(stage.factors),
-                "--out", str(stage.out / "model")]
     argv = ["longrope", stage.command, str(recipe_path), *stage.overrides, "--out", str(stage.out)]
     return argv + (["output.resume=true"] if stage.status == "resume" else [])
 
@@ -230,24 +200,6 @@ def describe_plan(recipe_path: str | Path, root: Path, plan: list[Stage]) -> str
     return "\n".join(lines)
 
 
-def run_export(recipe: Recipe, out_dir: Path, *, resume: bool = False, progress: bool = True,
-               factors: str | None = None) -> Path:
-    """Pipeline export stage: `out_dir/model`, a directory plain transformers loads."""
-    from longrope_cli.api import export
-
-    prepare_run_dir(out_dir, "export", recipe_to_dict(recipe))
-    path = export(recipe.model.name, factors, Path(out_dir) / "model", device=recipe.model.device)
-    mark_complete(out_dir, "export", path)
-    return path
-
-
-def _artifact(result: Any, out: Path) -> Path:
-    for attr in ("factors_path", "path"):
-        if getattr(result, attr, None) is not None:
-            return Path(getattr(result, attr))
-    return Path(result) if isinstance(result, str | Path) else out
-
-
 def _summary(out: Path) -> dict[str, Any]:
     try:
         data = json.loads((out / COMPLETE_MARKER).read_text(encoding="utf-8"))
@@ -256,17 +208,11 @@ def _summary(out: Path) -> dict[str, Any]:
     return {k: v for k, v in data.items() if k not in ("stage", "finished")}
 
 
-def _attach_log(out: Path) -> logging.Handler:
-    out.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(out / "log.txt", encoding="utf-8")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    logging.getLogger().addHandler(handler)
-    return handler
-
-
 def run_pipeline(recipe_path: str | Path, overrides: Sequence[str] = (), *, out_root: str | Path | None = None,
-                 progress: bool = True) -> list[Outcome]:
-    """Run the recipe's stages in order, skipping complete ones; print and return what each did.
+                 progress: bool = True, runners: Mapping[str, Callable[..., StageResult]] | None = None
+                 ) -> list[Outcome]:
+    """Run the recipe's stages in order, skipping complete ones; print and return what each did. `runners`
+    replaces stage entry points by command (tests inject stubs); the default is `stages.STAGES`.
 
     Example:
         >>> run_pipeline("recipes/tiny.yaml", ["finetune.steps=10"])  # doctest: +SKIP
@@ -281,22 +227,17 @@ def run_pipeline(recipe_path: str | Path, overrides: Sequence[str] = (), *, out_
         resume = stage.status == "resume"
         log.info("[%d/%d] %s: %s%s -> %s", stage.index + 1, len(plan), stage.name, stage.command,
                  " (resuming)" if resume else "", stage.out)
-        fn = stage_function(stage.command)
-        handler = _attach_log(stage.out)
         began = time.perf_counter()
         try:
-            kwargs = {"factors": stage.factors} if stage.command == "export" else {}
-            result = fn(stage.recipe, stage.out, resume=resume, progress=progress, **kwargs)
+            entry = runners[stage.command] if runners and stage.command in runners else STAGES[stage.command].entry()
+            result = entry(stage.recipe, stage.out, resume=resume, progress=progress)
         except BaseException:
             log.error("stage %s failed; rerun `longrope run %s` to continue from it", stage.name, recipe_path)
             raise
-        finally:
-            logging.getLogger().removeHandler(handler)
-            handler.close()
         seconds = time.perf_counter() - began
         if not is_complete(stage.out):
-            log.warning("stage %s returned without %s; marking it complete", stage.name, COMPLETE_MARKER)
-            mark_complete(stage.out, stage.command, _artifact(result, stage.out))
+            raise RuntimeError(f"stage {stage.name} ({stage.command}) returned {result!r} without writing "
+                               f"{COMPLETE_MARKER}")
         outcomes.append(Outcome(stage.name, stage.command, "resumed" if resume else "ran", seconds, stage.out,
                                 _summary(stage.out)))
     atomic_write_json(root / "pipeline.json", {

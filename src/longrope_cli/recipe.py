@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -129,6 +130,9 @@ class ReadjustConfig:
     factors: str | None = _field(None, "factor file of the extended model; its long factors are kept")
     lengths: list[int] = _field([4096, 8192], "short lengths scored (within the original window)", "lengths")
     factor_max: float = _field(1.25, "ceiling for short factors (lower than the long search's)")
+    factor_min: float = _field(1.0, "lower bound of the short factors")
+    factor_step: float = _field(0.01, "grid step of the short factors")
+    mutation_prob: float = _field(0.3, "probability that a factor is mutated")
     population: int = _field(32, "population size")
     iterations: int = _field(20, "generations")
     documents: int = _field(5, "search-split documents per length")
@@ -136,6 +140,7 @@ class ReadjustConfig:
     max_evals: int | None = _field(None, "stop after this many fitness evaluations")
     max_minutes: float | None = _field(None, "stop after this many minutes of wall time")
     patience: int | None = _field(None, "stop after this many generations without improvement")
+    backend: Literal["local", "distributed"] = _field("local", "local: one process; distributed: torchrun/srun ranks")
 
 
 @dataclass
@@ -159,6 +164,15 @@ class EvalConfig:
 
 
 @dataclass
+class ExportConfig:
+    factors: str | None = _field(None, "factor file (or stage folder) to export: long factors, and short ones if "
+                                       "it has them; under `longrope run` default: the last earlier stage's")
+    short_factors: str | None = _field(None, "factor file whose factors become short_factor (e.g. from readjust)")
+    target: int | None = _field(None, "max_position_embeddings of the export (default: the factor file's target)",
+                                "length")
+
+
+@dataclass
 class ParallelConfig:
     dist_backend: Literal["auto", "gloo", "nccl"] = _field("auto", "torch.distributed backend; auto = nccl on GPU")
     fsdp: bool = _field(False, "shard the model with FSDP when fine-tuning on several ranks")
@@ -174,10 +188,8 @@ class OutputConfig:
 @dataclass
 class StageConfig:
     name: str = _field("", "stage name; later stages refer to its output as ${name}")
-    command: Literal["search", "finetune", "readjust", "eval", "export"] = _field("search", "which stage to run")
+    command: str = _field("search", "which stage to run: search, finetune, readjust, eval or export")
     overrides: dict[str, Any] = _field({}, "dotted recipe keys set for this stage only")
-    factors: str | None = _field(None, "export stages: the factor file to export (default: factors.json of the "
-                                       "last earlier search, finetune or readjust stage)")
 
 
 @dataclass
@@ -188,10 +200,88 @@ class Recipe:
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     readjust: ReadjustConfig = field(default_factory=ReadjustConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     stages: list[StageConfig] = field(default_factory=list, metadata={
         "doc": "pipeline stages run in order by `longrope run` (name, command, overrides)"})
+
+
+# --------------------------------------------------------------------------- ranges
+# Checked when a recipe is built (before any model loads), so `longrope recipe validate` sees them too.
+# Checks that need the model (a target beyond its window, lengths within it) stay with the stage.
+
+
+def _at_least(n: float) -> tuple[Any, str]:
+    return (lambda v: v >= n), f">= {n:g}"
+
+
+def _above(n: float) -> tuple[Any, str]:
+    return (lambda v: math.isfinite(v) and v > n), f"a finite number > {n:g}"
+
+
+_FRACTION = ((lambda v: 0.0 <= v <= 1.0), "in [0, 1]")
+_OPEN_FRACTION = ((lambda v: 0.0 < v < 1.0), "in (0, 1)")
+
+RANGES: dict[str, tuple[Any, str]] = {
+    "model.loss_chunk": _at_least(1),
+    "data.search_fraction": _OPEN_FRACTION, "data.eval_fraction": _OPEN_FRACTION,
+    "data.windows_per_doc": _at_least(0),
+    "search.population": _at_least(2), "search.iterations": _at_least(0), "search.mutations": _at_least(0),
+    "search.crossovers": _at_least(0), "search.survivors": _at_least(1), "search.mutation_prob": _FRACTION,
+    "search.factor_step": _above(0), "search.factor_min": _above(0), "search.factor_max_ratio": _above(0),
+    "search.start_tokens": _at_least(0), "search.documents": _at_least(1), "search.race_margin": _at_least(0),
+    "search.validate_top": _at_least(0), "search.validate_documents": _at_least(1),
+    "search.attention_search_evals": _at_least(2), "search.max_evals": _at_least(1),
+    "search.max_minutes": _above(0), "search.patience": _at_least(1),
+    "finetune.steps": _at_least(1), "finetune.lr": _above(0), "finetune.warmup_steps": _at_least(0),
+    "finetune.batch_size": _at_least(1), "finetune.micro_batch_size": _at_least(1),
+    "finetune.short_batch_size": _at_least(0), "finetune.weight_decay": _at_least(0),
+    "finetune.grad_clip": _at_least(0), "finetune.save_every": _at_least(0),
+    "readjust.factor_max": _above(0), "readjust.factor_min": _above(0), "readjust.factor_step": _above(0),
+    "readjust.mutation_prob": _FRACTION, "readjust.population": _at_least(2), "readjust.iterations": _at_least(0),
+    "readjust.documents": _at_least(1), "readjust.max_evals": _at_least(1), "readjust.max_minutes": _above(0),
+    "readjust.patience": _at_least(1),
+    "eval.documents": _at_least(1), "eval.stride": _at_least(1), "eval.sliding_tokens": _at_least(2),
+    "eval.passkey_trials": _at_least(1),
+    "parallel.context_parallel": _at_least(1),
+}
+# Lists whose every item must satisfy a check, and lists that must not be empty.
+ITEM_RANGES: dict[str, tuple[Any, str]] = {
+    "search.start_token_choices": _at_least(0), "readjust.lengths": _at_least(2), "eval.lengths": _at_least(2),
+    "eval.passkey_lengths": _at_least(2), "eval.passkey_depths": _FRACTION,
+}
+NOT_EMPTY = ("search.start_token_choices", "readjust.lengths", "eval.lengths", "eval.methods")
+
+
+def check_ranges(recipe: Recipe) -> Recipe:
+    """Every value in range, or a one-line RecipeError naming the key, the value and what it must be."""
+    def value_of(key: str) -> Any:
+        section, name = key.split(".")
+        return getattr(getattr(recipe, section), name)
+
+    for key, (ok, requirement) in RANGES.items():
+        value = value_of(key)
+        if value is not None and not ok(value):
+            raise RecipeError(f"{key}={value!r} is out of range: it must be {requirement}")
+    for key, (ok, requirement) in ITEM_RANGES.items():
+        bad = [v for v in value_of(key) if not ok(v)]
+        if bad:
+            raise RecipeError(f"{key} holds {bad[0]!r}: every item must be {requirement}")
+    for key in NOT_EMPTY:
+        if not value_of(key):
+            raise RecipeError(f"{key} is empty; give at least one value (see `longrope recipe fields`)")
+    if recipe.data.search_fraction + recipe.data.eval_fraction >= 1.0:
+        raise RecipeError("data.search_fraction + data.eval_fraction must be below 1 (the rest is the train split)")
+    from longrope_cli.stages import STAGES  # the one list of stage names
+
+    for k, stage in enumerate(recipe.stages):
+        if stage.command not in STAGES:
+            close = difflib.get_close_matches(stage.command, list(STAGES), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise RecipeError(f"stages[{k}].command={stage.command!r} is not a stage{hint}; use "
+                              f"{', '.join(STAGES)}")
+    return recipe
 
 
 # --------------------------------------------------------------------------- coercion
@@ -374,7 +464,7 @@ def build_recipe(
     for section, value in merged.items():
         if value is None:
             merged[section] = {}
-    return _build(Recipe, merged)
+    return check_ranges(_build(Recipe, merged))
 
 
 def load_recipe(

@@ -49,7 +49,12 @@ def recipe_file(recipe: str | None) -> Path | None:
 
 
 def recipe_arguments(func: Callable) -> Callable:
-    """Add `[RECIPE.yaml | NAME] [key=value ...]` and the shared --model / --out / --device flags."""
+    """Add `[RECIPE.yaml | NAME] [key=value ...]` and the flags every stage shares: --model, --out, --device,
+    --resume/--no-resume and --progress/--no-progress."""
+    func = click.option("--progress/--no-progress", default=True, show_default=True,
+                        help="Live progress bars (off: plain log lines, with a heartbeat during long work).")(func)
+    func = click.option("--resume/--no-resume", default=None,
+                        help="Continue the run checkpointed in OUT (recipe: output.resume).")(func)
     func = click.argument("args", nargs=-1, metavar=RECIPE_ARGS)(func)
     func = click.option("--device", default=None, help="auto, cpu, cuda, cuda:1 (recipe: model.device).")(func)
     func = click.option("--out", "out", default=None, type=click.Path(file_okay=False),
@@ -79,9 +84,9 @@ def setup_logging(out_dir: str | Path | None = None, verbose: bool = False) -> N
     root.addHandler(console)
     if out_dir is not None:
         Path(out_dir).mkdir(parents=True, exist_ok=True)
-        handler = logging.FileHandler(Path(out_dir) / "log.txt", encoding="utf-8")
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-        root.addHandler(handler)
+        from longrope_cli.stages.folder import log_file_handler
+
+        root.addHandler(log_file_handler(out_dir))
     for noisy in ("transformers", "urllib3", "filelock", "matplotlib", "PIL"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
@@ -112,17 +117,8 @@ def default_out(stage: str, target: int | None = None) -> str:
 
 
 def open_stage_dir(recipe: Any, stage: str, target: int | None = None) -> Path:
-    """Resolve the stage's output folder (default runs/<stage>[-<target>]); rank 0 writes the resolved recipe and
-    env.json into it and logs there, other ranks (torchrun / srun) only log to the console."""
-    from longrope_cli.outputs import prepare_run_dir
-    from longrope_cli.recipe import recipe_to_dict
-    from longrope_cli.search.evaluator import is_main_process
-
+    """Resolve the stage's output folder (default runs/<stage>[-<target>]) and log to the console; the stage
+    itself fills the folder (`stages.folder`: recipe.yaml, env.json, log.txt, complete.json) on rank 0."""
     recipe.output.dir = recipe.output.dir or default_out(stage, target)
-    out_dir = Path(recipe.output.dir)
-    if is_main_process():
-        prepare_run_dir(out_dir, stage, recipe_to_dict(recipe))
-        setup_logging(out_dir)
-    else:
-        setup_logging()
-    return out_dir
+    setup_logging()
+    return Path(recipe.output.dir)

@@ -38,19 +38,16 @@ Writes OUT/results.json, OUT/ppl_vs_length.png, OUT/passkey.png, OUT/factors.png
 @click.option("--passkey-lengths", default=None,
               help="Passkey lengths, e.g. 4k,8k; empty = no passkey test (recipe: eval.passkey_lengths).")
 @click.option("--passkey-trials", type=int, default=None, help="Trials per (length, depth) (recipe: eval.passkey_trials).")
-@click.option("--resume/--no-resume", default=None,
-              help="Reuse the finished cells already in OUT (recipe: output.resume).")
-@click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bar per cell.")
 @user_errors
-def evaluate(args: tuple[str, ...], model: str | None, out: str | None, device: str | None, lengths: str | None,
-             methods: str | None, documents: int | None, passkey_lengths: str | None, passkey_trials: int | None,
-             resume: bool | None, progress: bool) -> None:
+def evaluate(args: tuple[str, ...], model: str | None, out: str | None, device: str | None, resume: bool | None,
+             progress: bool, lengths: str | None, methods: str | None, documents: int | None,
+             passkey_lengths: str | None, passkey_trials: int | None) -> None:
     """Perplexity at several lengths and passkey retrieval for each method; a table, results.json and plots.
 
     Takes an optional RECIPE.yaml (its `eval:` section), then key=value overrides, then flags."""
 
-    from longrope_cli.evaluate.runner import run_eval
     from longrope_cli.report import PLOTS, print_report
+    from longrope_cli.stages.evaluate import run_eval
 
     flags = {
         "model.name": model, "model.device": device, "output.dir": out, "output.resume": resume,
@@ -59,7 +56,7 @@ def evaluate(args: tuple[str, ...], model: str | None, out: str | None, device: 
     }
     recipe = build_stage_recipe(args, flags)
     out_dir = open_stage_dir(recipe, "eval")
-    results_path = run_eval(recipe, out_dir, resume=recipe.output.resume, progress=progress)
+    results_path = run_eval(recipe, out_dir, resume=recipe.output.resume, progress=progress).artifact
 
     import json
 

@@ -1,18 +1,10 @@
-"""`longrope finetune`: continued pre-training with a factor file installed (see longrope_cli.finetune)."""
+"""`longrope finetune`: continued pre-training with a factor file installed (see longrope_cli.stages.finetune)."""
 
 from __future__ import annotations
 
-import os
-
 import click
 
-from longrope_cli.cli.common import (
-    build_stage_recipe,
-    default_out,
-    recipe_arguments,
-    setup_logging,
-    user_errors,
-)
+from longrope_cli.cli.common import build_stage_recipe, open_stage_dir, recipe_arguments, user_errors
 
 EPILOG = """\b
 Examples:
@@ -36,24 +28,22 @@ Output: OUT/model/ (Hugging Face directory), OUT/factors.json, OUT/metrics.jsonl
 @click.option("--factors", default=None, help="Factor file or stage folder from `longrope search` "
                                               "(recipe: finetune.factors).")
 @click.option("--steps", type=int, default=None, help="Optimizer steps (recipe: finetune.steps).")
-@click.option("--resume", is_flag=True, default=None, help="Continue from OUT/checkpoint (recipe: output.resume).")
-@click.option("--no-progress", is_flag=True, help="No progress bar (metrics still go to OUT/metrics.jsonl).")
 @user_errors
-def finetune(args: tuple[str, ...], model: str | None, out: str | None, device: str | None, target: str | None,
-             factors: str | None, steps: int | None, resume: bool | None, no_progress: bool) -> None:
+def finetune(args: tuple[str, ...], model: str | None, out: str | None, device: str | None, resume: bool | None,
+             progress: bool, target: str | None, factors: str | None, steps: int | None) -> None:
     """Fine-tune a model with LongRoPE factors installed at the target length (AdamW, warm-up then
     linear / constant / cosine, gradient accumulation, activation checkpointing, chunked loss).
 
     Runs as one process, or under torchrun with DDP / FSDP2 (parallel.fsdp=true) and, on GPUs,
     context parallel (parallel.context_parallel=N)."""
-    from longrope_cli.finetune import run_finetune
+    from longrope_cli.runtime import is_main_process
+    from longrope_cli.stages.finetune import run_finetune
 
     recipe = build_stage_recipe(args, {
-        "model.name": model, "model.device": device, "output.dir": out, "output.resume": resume or None,
+        "model.name": model, "model.device": device, "output.dir": out, "output.resume": resume,
         "finetune.target": target, "finetune.factors": factors, "finetune.steps": steps,
     })
-    out_dir = recipe.output.dir or default_out("finetune", recipe.finetune.target)
-    setup_logging(out_dir if os.environ.get("RANK", "0") == "0" else None)
-    path = run_finetune(recipe, out_dir, resume=recipe.output.resume, progress=not no_progress)
-    if os.environ.get("RANK", "0") == "0":
-        click.echo(f"fine-tuned model: {path}")
+    out_dir = open_stage_dir(recipe, "finetune", recipe.finetune.target)
+    result = run_finetune(recipe, out_dir, resume=recipe.output.resume, progress=progress)
+    if is_main_process():
+        click.echo(f"fine-tuned model: {result.artifact}")

@@ -11,23 +11,19 @@ import sys
 import click
 
 from longrope_cli import __version__
+from longrope_cli.stages import STAGES
 
+# Every stage command is `longrope_cli.cli.<module>.<function>`; `run` and `recipe` are not stages.
+STAGE_CLI = {"search": "search", "finetune": "finetune", "readjust": "readjust", "eval": "evaluate",
+             "export": "export"}
 COMMANDS = {
-    "search": ("longrope_cli.cli.search", "search"),
-    "finetune": ("longrope_cli.cli.finetune", "finetune"),
-    "readjust": ("longrope_cli.cli.readjust", "readjust"),
-    "eval": ("longrope_cli.cli.evaluate", "evaluate"),
-    "export": ("longrope_cli.cli.export", "export"),
+    **{name: (f"longrope_cli.cli.{STAGE_CLI[name]}", STAGE_CLI[name]) for name in STAGES},
     "run": ("longrope_cli.cli.run", "run"),
     "recipe": ("longrope_cli.cli.recipe", "recipe"),
 }
 
 SHORT_HELP = {
-    "search": "Evolutionary search for LongRoPE factors at a target length.",
-    "finetune": "Fine-tune a model with a factor file at the target length.",
-    "readjust": "Search short-context factors on an extended model.",
-    "eval": "Perplexity across lengths and passkey retrieval vs PI / NTK / YaRN.",
-    "export": "Write a Hugging Face model directory that plain transformers loads.",
+    **{name: spec.help for name, spec in STAGES.items()},
     "run": "Run a recipe's stages in order (resumes completed stages).",
     "recipe": "List, copy, show, validate and document recipes (bundled or files).",
 }

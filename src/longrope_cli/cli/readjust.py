@@ -25,24 +25,22 @@ Examples:
 @click.option("--lengths", default=None, help="Short lengths scored, within the original window "
                                               "(recipe: readjust.lengths; default 4k,8k).")
 @click.option("--max-evals", type=int, default=None, help="Stop after N fitness evaluations (recipe: readjust.max_evals).")
-@click.option("--resume", is_flag=True, default=None, help="Continue the readjust checkpointed in --out.")
-@click.option("--no-progress", is_flag=True, default=False, help="Log lines instead of the live progress display.")
 @user_errors
-def readjust(args: tuple[str, ...], model: str | None, out: str | None, device: str | None, factors: str | None,
-             lengths: str | None, max_evals: int | None, resume: bool | None, no_progress: bool) -> None:
+def readjust(args: tuple[str, ...], model: str | None, out: str | None, device: str | None, resume: bool | None,
+             progress: bool, factors: str | None, lengths: str | None, max_evals: int | None) -> None:
     """Search short_factor for an extended model's factor file (kept: long_factor, n-hat, attention).
 
     Writes OUT/factors.json with short_factor and long_factor (export it with `longrope export`),
     beside OUT/candidates.jsonl and OUT/state.json (checkpoint for --resume)."""
-    from longrope_cli.readjust import run_readjust
-    from longrope_cli.search.evaluator import is_main_process
+    from longrope_cli.runtime import is_main_process
+    from longrope_cli.stages.readjust import run_readjust
 
     recipe = build_stage_recipe(args, {
         "model.name": model, "model.device": device, "output.dir": out, "readjust.factors": factors,
         "readjust.lengths": lengths, "readjust.max_evals": max_evals, "output.resume": resume,
     })
     out_dir = open_stage_dir(recipe, "readjust")
-    result = run_readjust(recipe, out_dir, resume=recipe.output.resume, progress=not no_progress and is_main_process())
+    result = run_readjust(recipe, out_dir, resume=recipe.output.resume, progress=progress and is_main_process())
     if is_main_process():
         click.echo(f"short-length perplexity {result.best_perplexity:.4f} after {result.evaluations} evaluations; "
                    f"factors: {result.factors_path}")

@@ -3,8 +3,11 @@ every key with its meaning."""
 
 from __future__ import annotations
 
+import ast
+import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 import click
 import yaml
@@ -108,17 +111,58 @@ def validate(args: tuple[str, ...]) -> None:
     click.echo(f"ok: {path or 'defaults'} ({stages})")
 
 
-@recipe.command()
-def fields() -> None:
+FIELDS_EPILOG = """\b
+Examples:
+  $ longrope recipe fields                                 # a table
+  $ longrope recipe fields --format plain | grep ^search   # key<TAB>type<TAB>default<TAB>help lines
+  $ longrope recipe fields --format json                   # [{"key", "type", "default", "help"}, ...]
+"""
+
+
+def _json_default(text: str) -> Any:
+    """A `field_docs` default (Python repr) as a JSON value: None -> null, '4k' -> "4k", [1, 2] -> [1, 2]."""
+    from longrope_cli.outputs import strict_json
+
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+        return text
+    value = strict_json(value)
+    try:
+        json.dumps(value, allow_nan=False)
+    except (TypeError, ValueError):  # a set, bytes, complex number...: keep the repr
+        return text
+    return value
+
+
+def _plain_cell(text: str) -> str:
+    """One field of a tab-separated line: tabs and newlines would split it."""
+    return text.replace("\t", " ").replace("\r", " ").replace("\n", " ")
+
+
+@recipe.command(epilog=FIELDS_EPILOG)
+@click.option("--format", "fmt", type=click.Choice(["table", "plain", "json"]), default="table", show_default=True,
+              help="table: for reading; plain: one key<TAB>type<TAB>default<TAB>help line per key; "
+                   "json: a list of {key, type, default, help} objects.")
+def fields(fmt: str) -> None:
     """List every recipe key with its type, default and meaning."""
+    from longrope_cli.recipe import field_docs
+
+    rows = field_docs()
+    if fmt == "plain":
+        for row in rows:
+            click.echo("\t".join(_plain_cell(cell) for cell in row))
+        return
+    if fmt == "json":
+        click.echo(json.dumps([{"key": key, "type": kind, "default": _json_default(default), "help": doc}
+                               for key, kind, default, doc in rows], indent=2, allow_nan=False))
+        return
     from rich.console import Console
     from rich.table import Table
-
-    from longrope_cli.recipe import field_docs
 
     table = Table(show_lines=False)
     for column in ("key", "type", "default", "meaning"):
         table.add_column(column, overflow="fold")
-    for row in field_docs():
+    for row in rows:
         table.add_row(*row)
     Console().print(table)

@@ -16,7 +16,7 @@ Examples:
   $ longrope run recipes/llama2-7b-2m.yaml --out /scratch/llama2-2m
   $ make recipe-tiny
 \b
-Precedence per stage: recipe sections < KEY=VALUE < the stage's overrides < STAGE.KEY=VALUE.
+Precedence per stage: recipe sections < the stage's overrides < KEY=VALUE < STAGE.KEY=VALUE.
 ${name} in a value is stage `name`'s output folder, OUT/name. Stages whose folder holds complete.json
 are skipped, so rerunning a killed pipeline resumes it; delete a stage folder to redo that stage.
 """
@@ -28,9 +28,9 @@ are skipped, so rerunning a killed pipeline resumes it; delete a stage folder to
 @click.option("--out", default=None, type=click.Path(file_okay=False),
               help="Root of the stage folders (recipe: output.dir; default runs/<recipe name>).")
 @click.option("--dry-run", is_flag=True, help="Print the stages and their commands; run nothing.")
-@click.option("--no-progress", is_flag=True, help="No progress bars.")
+@click.option("--progress/--no-progress", default=True, show_default=True, help="Live progress bars.")
 @user_errors
-def run(recipe_path: str, overrides: tuple[str, ...], out: str | None, dry_run: bool, no_progress: bool) -> None:
+def run(recipe_path: str, overrides: tuple[str, ...], out: str | None, dry_run: bool, progress: bool) -> None:
     """Run the stages listed under `stages:` in RECIPE.yaml (or the bundled recipe NAME), each reading the
     previous outputs."""
     from longrope_cli.pipeline import describe_plan, plan_pipeline, run_pipeline
@@ -41,4 +41,4 @@ def run(recipe_path: str, overrides: tuple[str, ...], out: str | None, dry_run: 
         return
     root, _ = plan_pipeline(recipe_path, overrides, out_root=out)  # validate every stage before logging to disk
     setup_logging(root)
-    run_pipeline(recipe_path, overrides, out_root=out, progress=not no_progress)
+    run_pipeline(recipe_path, overrides, out_root=out, progress=progress)

@@ -27,25 +27,23 @@ Examples:
 @recipe_arguments
 @click.option("--target", default=None, help="Target context length, e.g. 256k (recipe: search.target).")
 @click.option("--max-evals", type=int, default=None, help="Stop after N fitness evaluations (recipe: search.max_evals).")
-@click.option("--resume", is_flag=True, default=None, help="Continue the search checkpointed in --out.")
-@click.option("--no-progress", is_flag=True, default=False, help="Log lines instead of the live progress display.")
 @user_errors
-def search(args: tuple[str, ...], model: str | None, out: str | None, device: str | None, target: str | None,
-           max_evals: int | None, resume: bool | None, no_progress: bool) -> None:
+def search(args: tuple[str, ...], model: str | None, out: str | None, device: str | None, resume: bool | None,
+           progress: bool, target: str | None, max_evals: int | None) -> None:
     """Search per-frequency rescale factors (and n-hat) that minimise perplexity at --target.
 
     Writes OUT/factors.json (best so far after every generation; per-pair list under long_factor),
     OUT/candidates.jsonl (every scored candidate) and OUT/state.json (checkpoint for --resume).
     Every recipe key of the search: section is listed by `longrope recipe fields`."""
-    from longrope_cli.search.evaluator import is_main_process
-    from longrope_cli.search.runner import run_search
+    from longrope_cli.runtime import is_main_process
+    from longrope_cli.stages.search import run_search
 
     recipe = build_stage_recipe(args, {
         "model.name": model, "model.device": device, "output.dir": out, "search.target": target,
         "search.max_evals": max_evals, "output.resume": resume,
     })
     out_dir = open_stage_dir(recipe, "search", recipe.search.target)
-    result = run_search(recipe, out_dir, resume=recipe.output.resume, progress=not no_progress and is_main_process())
+    result = run_search(recipe, out_dir, resume=recipe.output.resume, progress=progress and is_main_process())
     if is_main_process():
         click.echo(f"best perplexity {result.best_perplexity:.4f} after {result.evaluations} evaluations "
                    f"({result.stopped}); factors: {result.factors_path}")

@@ -11,6 +11,7 @@ import torch
 from tqdm.auto import tqdm
 
 from longrope_cli.losses import chunked_nll, decoder_of, shift_labels
+from longrope_cli.numbers import perplexity_from_nll
 from longrope_cli.seqchunk import chunked_mlps
 
 
@@ -69,8 +70,8 @@ def score_perplexity(
             return PerplexityResult(math.inf, math.inf, tokens + count, per_window + [math.inf])
         total += nll
         tokens += count
-        per_window.append(math.exp(nll / max(count, 1)))
+        per_window.append(perplexity_from_nll(nll / max(count, 1)))
         if stop_above is not None and total / tokens > math.log(stop_above):
             break
     mean = total / max(tokens, 1)
-    return PerplexityResult(math.exp(mean) if mean < 700 else math.inf, mean, tokens, per_window)
+    return PerplexityResult(perplexity_from_nll(mean), mean, tokens, per_window)

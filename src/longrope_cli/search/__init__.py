@@ -9,8 +9,8 @@ from __future__ import annotations
 from typing import Any
 
 _EXPORTS = {
-    "run_search": "longrope_cli.search.runner",
-    "SearchResult": "longrope_cli.search.runner",
+    "run_search": "longrope_cli.stages.search",
+    "SearchResult": "longrope_cli.stages.search",
     "Evaluator": "longrope_cli.search.evaluator",
     "LocalEvaluator": "longrope_cli.search.evaluator",
     "DistributedEvaluator": "longrope_cli.search.evaluator",

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from longrope_cli.errors import RecipeError
+from longrope_cli.numbers import json_number, perplexity_from_nll
 from longrope_cli.rope.factors import FactorSet
 from longrope_cli.search.evaluator import Evaluator
 from longrope_cli.search.evolution import (
@@ -241,7 +242,7 @@ class Engine:
         if not worst.complete or not math.isfinite(worst.value) or not worst.per_window:
             return None
         total = len(worst.per_window) * math.log(worst.value)  # the survivor's summed per-window NLL
-        return [math.exp(min(total / k, 700.0)) * (1.0 + self.settings.race_margin)
+        return [perplexity_from_nll(total / k) * (1.0 + self.settings.race_margin)
                 for k in range(1, len(worst.per_window) + 1)]
 
     def _generation(self, state: SearchState, g: int, children: list[Child], parents: list[Candidate],
@@ -298,7 +299,7 @@ class Engine:
         worst = cache[state.parents[-1]]
         state.history.append({
             "generation": g, "children": len(children), "scored": scored_now, "cache_hits": hits,
-            "raced": raced_now, "best": _finite(best.value), "cutoff": _finite(worst.value),
+            "raced": raced_now, "best": json_number(best.value), "cutoff": json_number(worst.value),
             "threshold": round(threshold[-1], 6) if threshold else None, "evaluations": state.evaluations, "elapsed": round(self._elapsed(), 3),
         })
         state.generation = g
@@ -321,10 +322,6 @@ class Engine:
         values += [state.cache[ch.candidate].value for ch in children
                    if ch.candidate in state.cache and state.cache[ch.candidate].complete]
         return min(values, default=math.inf)
-
-
-def _finite(value: float) -> float | str:
-    return value if math.isfinite(value) else "inf"
 
 
 # --------------------------------------------------------------------------- progress

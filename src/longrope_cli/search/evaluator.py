@@ -13,10 +13,8 @@ every window was scored (`complete`; racing may stop early), how many windows ra
 
 from __future__ import annotations
 
-import atexit
 import logging
 import math
-import os
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -24,6 +22,7 @@ from typing import Any
 import torch
 
 from longrope_cli.evaluate.perplexity import PerplexityResult, score_perplexity
+from longrope_cli.numbers import perplexity_from_nll
 from longrope_cli.rope.factors import FactorSet
 from longrope_cli.rope.layout import RopeLayout
 from longrope_cli.rope.rotary import install_factors, installed_factors, remove_factors
@@ -118,10 +117,10 @@ class LocalEvaluator(Evaluator):
                 return math.inf, per_window, k == len(group) - 1
             nll += result.nll * result.tokens
             tokens += result.tokens
-            running = math.exp(nll / tokens) if nll / tokens < 700 else math.inf
+            running = perplexity_from_nll(nll / tokens)
             if limits is not None and k < len(group) - 1 and running > limits[min(k, len(limits) - 1)]:
                 return running, per_window, False
-        return (math.exp(nll / tokens) if nll / tokens < 700 else math.inf), per_window, True
+        return perplexity_from_nll(nll / tokens), per_window, True
 
     def _window(self, window: torch.Tensor, labels: torch.Tensor | None = None) -> PerplexityResult:
         """One window's perplexity with the installed factors (tests override it with a known function)."""
@@ -158,95 +157,6 @@ class LocalEvaluator(Evaluator):
         else:
             install_factors(self.model, self._previous, self.layout)
         self._installed = False
-
-
-# --------------------------------------------------------------------------- torch.distributed
-
-
-def distributed_env() -> tuple[int, int, int]:
-    """(rank, world size, local rank) from torchrun's variables, or srun's (SLURM_PROCID, ...) mapped onto them."""
-    if "RANK" not in os.environ and "SLURM_PROCID" in os.environ:
-        os.environ["RANK"] = os.environ["SLURM_PROCID"]
-        os.environ["WORLD_SIZE"] = os.environ.get("SLURM_NTASKS", "1")
-        os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
-        os.environ.setdefault("MASTER_PORT", "29500")
-    return (int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")),
-            int(os.environ.get("LOCAL_RANK", "0")))
-
-
-def local_gpu(local_rank: int) -> int:
-    """This rank's CUDA device index. torchrun shows every GPU of the node to every rank, so rank k takes GPU k;
-    srun --gpus-per-task shows a task only its own GPU(s), so its local rank is taken modulo what it sees."""
-    from longrope_cli.errors import RecipeError
-
-    count = torch.cuda.device_count()
-    if local_rank < count:
-        return local_rank
-    if count and "TORCHELASTIC_RUN_ID" not in os.environ:  # not torchrun: a task bound to its own GPU(s)
-        return local_rank % count
-    raise RecipeError(f"local rank {local_rank} has no GPU: this node has {count} CUDA device(s); launch at most "
-                      f"that many processes per node (torchrun --nproc-per-node {count}), or set model.device=cpu "
-                      "for CPU ranks")
-
-
-def uses_cuda(device: str) -> bool:
-    """Whether a recipe's model.device puts this process on a GPU."""
-    return torch.cuda.is_available() and (device == "auto" or device.startswith("cuda"))
-
-
-def is_main_process() -> bool:
-    """True on rank 0 (or without torch.distributed): the process that writes files."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank() == 0
-    return distributed_env()[0] == 0
-
-
-def broadcast_from_main(value: Any) -> Any:
-    """Rank 0's `value` on every rank (a picklable object)."""
-    import torch.distributed as dist
-
-    box = [value]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def init_distributed(backend: str = "auto", device: str = "auto") -> tuple[int, int]:
-    """Join the process group started by torchrun / srun (idempotent); returns (rank, world size).
-
-    auto = NCCL when the model goes to a GPU (`device`, the recipe's model.device), gloo otherwise. srun needs
-    MASTER_ADDR exported by the sbatch script.
-    """
-    import torch.distributed as dist
-
-    from longrope_cli.errors import RecipeError
-
-    if dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    rank, world, local_rank = distributed_env()
-    if "MASTER_ADDR" not in os.environ:
-        if world > 1:
-            raise RecipeError("search.backend=distributed needs a launcher: run under torchrun (or srun with "
-                              "MASTER_ADDR exported); see `longrope search --help`")
-        os.environ["MASTER_ADDR"] = "127.0.0.1"
-        os.environ.setdefault("MASTER_PORT", "29500")
-    if backend == "auto":
-        backend = "nccl" if uses_cuda(device) else "gloo"
-    if backend == "nccl":
-        torch.cuda.set_device(local_gpu(local_rank))  # object collectives on NCCL use the current device
-    dist.init_process_group(backend=backend, rank=rank, world_size=world)
-    # End the group the documented way, as the fine-tune does in its close. (It does not cure the rare exit -6
-    # in torch's C++ teardown; cli/main.py steps around that.)
-    atexit.register(_destroy_process_group)
-    return rank, world
-
-
-def _destroy_process_group() -> None:
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        dist.destroy_process_group()
 
 
 class DistributedEvaluator(Evaluator):

@@ -21,6 +21,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from longrope_cli.numbers import json_number, read_number
 from longrope_cli.outputs import atomic_write_json
 from longrope_cli.rope.factors import FactorSet
 from longrope_cli.search.evaluator import Evaluator
@@ -47,15 +48,14 @@ class ScoreBook:
             except (OSError, json.JSONDecodeError):
                 data = {}
             if data.get("fingerprint") == fingerprint:
-                self.scores = {k: float(v) if v != "inf" else math.inf for k, v in data.get("scores", {}).items()}
+                self.scores = {k: read_number(v) for k, v in data.get("scores", {}).items()}
 
     def score(self, key: str, compute: Callable[[], float]) -> float:
         if key not in self.scores:
             value = float(compute())
             self.scores[key] = value if math.isfinite(value) else math.inf
             if self.path is not None:
-                atomic_write_json(self.path, {"fingerprint": self.fingerprint, "scores": {
-                    k: (v if math.isfinite(v) else "inf") for k, v in self.scores.items()}})
+                atomic_write_json(self.path, {"fingerprint": self.fingerprint, "scores": self.scores})
         return self.scores[key]
 
 
@@ -73,7 +73,7 @@ def validate_top(candidates: Sequence[Candidate], to_factors: Callable[[Candidat
     rows = []
     for rank, key in enumerate(keys):
         value = book.scores[key]
-        rows.append({"rank": rank, "fresh_perplexity": value if math.isfinite(value) else "inf"})
+        rows.append({"rank": rank, "fresh_perplexity": json_number(value)})
         log.info("validation: evolution rank %d: %.4f on fresh windows", rank, value)
     best = min(range(len(candidates)), key=lambda k: (book.scores[keys[k]], k))
     return candidates[best], book.scores[keys[best]], rows

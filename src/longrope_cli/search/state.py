@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from longrope_cli.errors import RecipeError
+from longrope_cli.numbers import json_number, read_number
 from longrope_cli.outputs import atomic_write_json, strict_json
 from longrope_cli.search.evolution import Candidate
 
@@ -44,25 +44,18 @@ class Scored:
     per_window: tuple[float, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
-        return {"perplexity": _num(self.value), "complete": self.complete, "generation": self.generation,
+        return {"perplexity": json_number(self.value), "complete": self.complete, "generation": self.generation,
                 "origin": self.origin, "windows": self.windows, "seconds": round(self.seconds, 4),
-                "per_window": [_num(v) for v in self.per_window]}
+                "per_window": [json_number(v) for v in self.per_window]}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Scored:
-        return cls(value=_from_num(data["perplexity"]), complete=bool(data.get("complete", True)),
+        return cls(value=read_number(data["perplexity"]), complete=bool(data.get("complete", True)),
                    generation=int(data.get("generation", 0)), origin=str(data.get("origin", "")),
                    windows=int(data.get("windows", 0)), seconds=float(data.get("seconds", 0.0)),
-                   per_window=tuple(_from_num(v) for v in data.get("per_window", ())))
+                   per_window=tuple(read_number(v) for v in data.get("per_window", ())))
 
 
-def _num(value: float) -> float | str:
-    """JSON has no inf/NaN: write them as strings."""
-    return value if math.isfinite(value) else "inf"
-
-
-def _from_num(value: Any) -> float:
-    return math.inf if isinstance(value, str) else float(value)
 
 
 @dataclass

@@ -25,8 +25,7 @@ import torch.distributed as dist
 from torch import nn
 
 from longrope_cli.errors import ModelError, RecipeError
-from longrope_cli.models import pick_device
-from longrope_cli.search.evaluator import distributed_env, local_gpu, uses_cuda
+from longrope_cli.runtime import distributed_env, init_distributed, local_gpu, pick_device, uses_cuda
 
 log = logging.getLogger(__name__)
 
@@ -105,12 +104,8 @@ def setup_parallel(parallel: Any, device: str = "auto") -> ParallelEnv:
         here = torch.device("cuda", index)
     else:
         here = torch.device("cpu")
-    owns = False
-    if not dist.is_initialized():
-        backend = parallel.dist_backend if parallel.dist_backend != "auto" else ("nccl" if use_cuda else "gloo")
-        dist.init_process_group(backend, device_id=here if use_cuda else None)
-        owns = True
-    rank, world = dist.get_rank(), dist.get_world_size()
+    owns = not dist.is_initialized()
+    rank, world = init_distributed(parallel.dist_backend, device)
     cp_mesh = None
     if cp > 1:
         from torch.distributed.device_mesh import init_device_mesh

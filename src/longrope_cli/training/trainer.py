@@ -1,24 +1,16 @@
-"""`longrope finetune`: continued pre-training with a factor file installed at the target length.
+"""The fine-tuning loop behind `longrope finetune` (stages/finetune.py), built as torchtune builds a recipe:
+`setup()` calls `_setup_model`, `_setup_data` and `_setup_optimizer`; `train()` runs the steps; `finish()`
+saves.
 
-The paper's settings (LongRoPE, section 4.1): LLaMA2, AdamW at lr 2e-5 with linear decay, global batch
-32, 400 steps at 128k, then 600 more at 256k from that model; Mistral, constant lr 1e-6, batch 64,
-400 steps (on 16k sequences, following YaRN). Everything that grows with the length is bounded:
-activation checkpointing per decoder layer, the loss in checkpointed chunks (never an L x vocab
-logits tensor), sdpa attention. Our rotary module holds no parameters, so the factors stay installed.
-
-    $ longrope finetune recipes/tiny.yaml --factors runs/search-2k --target 2k --steps 40
-    $ torchrun --nproc-per-node 8 -m longrope_cli finetune RECIPE parallel.fsdp=true     # see training/distributed.py
-
-Writes DIR/model/ (a Hugging Face directory; its config carries the factors when n-hat = 0),
-DIR/factors.json (the factors trained with: later stages install factors relative to it),
-DIR/metrics.jsonl (one line per step), and DIR/checkpoint/ every `finetune.save_every` steps and on
-SIGTERM / SIGUSR1 (SLURM preemption); `--resume` continues at the same step with the same batches.
+Everything that grows with the length is bounded: activation checkpointing per decoder layer, the loss in
+checkpointed chunks (never an L x vocab logits tensor), sdpa attention. Our rotary module holds no
+parameters, so the factors stay installed. Checkpoints (training/checkpoint.py) go to OUT/checkpoint every
+`finetune.save_every` steps and on SIGTERM / SIGUSR1, and a resume continues with the same batches.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import math
@@ -26,7 +18,7 @@ import shutil
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -38,15 +30,10 @@ from longrope_cli.data import load_corpus, tokenize_documents
 from longrope_cli.errors import LongRopeError, RecipeError
 from longrope_cli.lengths import format_length
 from longrope_cli.losses import chunked_nll, decoder_of, shift_labels
-from longrope_cli.models import LoadedModel, load_model
-from longrope_cli.outputs import (
-    COMPLETE_MARKER,
-    atomic_write_text,
-    is_complete,
-    mark_complete,
-    prepare_run_dir,
-)
-from longrope_cli.recipe import Recipe, recipe_to_dict
+from longrope_cli.models import LoadedModel, load_recipe_model
+from longrope_cli.numbers import digest
+from longrope_cli.outputs import atomic_write_text
+from longrope_cli.recipe import Recipe
 from longrope_cli.rope.factors import FactorSet, load_factors
 from longrope_cli.rope.rotary import install_factors
 from longrope_cli.training import checkpoint as ckpt
@@ -55,7 +42,6 @@ from longrope_cli.training.distributed import (
     ParallelEnv,
     gradient_sync,
     sequence_parallel,
-    setup_parallel,
     wrap_for_training,
 )
 
@@ -135,8 +121,7 @@ def enable_checkpointing(model: Any, offload: bool = False) -> None:
 
 
 def _digest(factors: FactorSet) -> str:
-    text = json.dumps([factors.long_factor, factors.short_factor, factors.start_tokens, factors.attention])
-    return hashlib.sha1(text.encode()).hexdigest()[:12]
+    return digest([factors.long_factor, factors.short_factor, factors.start_tokens, factors.attention], 12)
 
 
 class Finetune:
@@ -150,27 +135,30 @@ class Finetune:
     # ------------------------------------------------------------------ setup
 
     def setup(self) -> None:
-        cfg, env, recipe = self.cfg, self.env, self.recipe
-        if not cfg.factors:
+        if not self.cfg.factors:
             raise RecipeError("finetune.factors is not set; pass --factors runs/search-2k/factors.json "
                               "(the output of `longrope search`)")
-        for key in ("steps", "batch_size", "micro_batch_size"):
-            if getattr(cfg, key) < 1:
-                raise RecipeError(f"finetune.{key} must be >= 1, got {getattr(cfg, key)}")
+        self._check_batch()
+        self._setup_model()
+        self._setup_data()
+        self._setup_optimizer()
+
+    def _check_batch(self) -> None:
+        cfg, env = self.cfg, self.env
         per_step = env.dp_world * cfg.micro_batch_size
         if cfg.batch_size % per_step:
             raise RecipeError(
                 f"finetune.batch_size={cfg.batch_size} must be a multiple of micro_batch_size x data-parallel "
                 f"ranks = {cfg.micro_batch_size} x {env.dp_world}")
-        cuda = env.device.type == "cuda"
-        self.bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and cuda)
+
+    def _setup_model(self) -> None:
+        """Load the model (fp32 master weights unless the recipe pins a dtype) and install the factors."""
+        cfg, env, recipe = self.cfg, self.env, self.recipe
+        self.bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and env.device.type == "cuda")
         if self.lm is None:
-            # fp32 master weights under bf16 autocast / FSDP mixed precision unless the recipe pins a dtype.
+            # bf16 runs as autocast / FSDP mixed precision over fp32 weights.
             dtype = recipe.model.dtype if recipe.model.dtype != "auto" else "float32"
-            self.lm = load_model(recipe.model.name, dtype=dtype, device=str(env.device),
-                                 attn_implementation=recipe.model.attn_implementation,
-                                 original_length=recipe.model.original_length,
-                                 trust_remote_code=recipe.model.trust_remote_code)
+            self.lm = load_recipe_model(recipe.model, device=str(env.device), dtype=dtype)
         lm = self.lm
         self.factors = load_factors(cfg.factors, lm.layout)
         self.target = cfg.target or self.factors.target_length
@@ -181,7 +169,6 @@ class Finetune:
                               f"(load-balanced ring attention)")
         self.export_target = max(self.factors.target_length or self.target, self.target)
         self.save_dtype = ckpt.source_dtype(lm.path, lm.model)
-        self.short_windows: WindowIndex | None = None
         trained = self.factors
         if cfg.short_batch_size:
             self._check_short_batch()
@@ -192,12 +179,15 @@ class Finetune:
         install_factors(lm.model, trained, lm.layout)
         self.trained = trained  # what the saved model must run (its config carries these short factors)
 
-        data = recipe.data
+    def _setup_data(self) -> None:
+        """The training windows (and the short ones) and their seeded order."""
+        cfg, lm, data = self.cfg, self.lm, self.recipe.data
         corpus = load_corpus(data.corpus, data.text_field, data.search_fraction, data.eval_fraction)
         docs = tokenize_documents(corpus.split("train"), lm.tokenizer, data.cache_dir)
         bos = lm.tokenizer.bos_token_id
         self.windows = WindowIndex(docs, self.target, bos, data.windows_per_doc, limit=cfg.steps * cfg.batch_size)
         self.order = WindowOrder(len(self.windows), cfg.batch_size, cfg.seed)
+        self.short_windows: WindowIndex | None = None
         if cfg.short_batch_size:
             self.short_windows = WindowIndex(docs, lm.layout.original_length, bos, data.windows_per_doc,
                                              limit=cfg.steps * cfg.short_batch_size)
@@ -208,7 +198,10 @@ class Finetune:
                  f", + {cfg.short_batch_size} of {format_length(lm.layout.original_length)} with the short factors"
                  if cfg.short_batch_size else "")
 
-        model = lm.model
+    def _setup_optimizer(self) -> None:
+        """Checkpointing, the DDP / FSDP wrap, AdamW and the schedule."""
+        cfg, env, recipe = self.cfg, self.env, self.recipe
+        model = self.lm.model
         model.train()
         model.config.use_cache = False
         if cfg.activation_checkpointing or cfg.activation_offload:
@@ -224,7 +217,7 @@ class Finetune:
 
     def _check_short_batch(self) -> None:
         cfg, env = self.cfg, self.env
-        if cfg.short_batch_size < 0 or cfg.short_batch_size % env.dp_world:
+        if cfg.short_batch_size % env.dp_world:
             raise RecipeError(f"finetune.short_batch_size={cfg.short_batch_size} must be a multiple of the "
                               f"{env.dp_world} data-parallel ranks")
         if env.context_parallel > 1:
@@ -357,7 +350,9 @@ class Finetune:
 
     # ------------------------------------------------------------------ output
 
-    def finish(self) -> Path:
+    def finish(self, complete: Callable[..., Any]) -> Any:
+        """Save the model and factors (rank 0), then `complete(artifact, **summary)`: the stage folder's record,
+        written before the checkpoint goes. Returns what `complete` returned, on every rank."""
         cfg, env, lm = self.cfg, self.env, self.lm
         state = ckpt.full_model_state(self.module)  # collective under FSDP
         model_dir = self.out / "model"
@@ -371,37 +366,13 @@ class Finetune:
             ckpt.save_hf_model(lm.model, lm.tokenizer, state, trained, lm.layout, self.export_target, model_dir,
                                self.save_dtype)
             factors.save(self.out / "factors.json", lm.layout)
-            mark_complete(self.out, "finetune", model_dir, steps=cfg.steps, final_loss=self.last_loss,
-                          train_length=self.target)
+        result = complete(model_dir, steps=cfg.steps, final_loss=self.last_loss, train_length=self.target)
+        if env.is_main:
             if not cfg.keep_checkpoint:  # after the marker: a kill in between must not lose the finished run
                 for name in (ckpt.CHECKPOINT, ckpt.CHECKPOINT + ".old"):
                     shutil.rmtree(self.out / name, ignore_errors=True)
             log.info("fine-tuned model: %s (final loss %.4f)", model_dir, self.last_loss)
         env.barrier()
-        return model_dir
+        return result
 
 
-def run_finetune(recipe: Recipe, out_dir: str | Path, *, resume: bool = False, lm: LoadedModel | None = None,
-                 progress: bool = True) -> Path:
-    """Fine-tune `recipe.model` with `recipe.finetune.factors` installed; returns `out_dir/model`.
-
-    Example (the test bed, a few minutes on 2 CPU cores):
-        >>> run_finetune(load_recipe("recipes/tiny.yaml", ["finetune.factors=runs/search-2k"]),
-        ...              "runs/finetune-2k")  # doctest: +SKIP
-    """
-    out = Path(out_dir)
-    if resume and is_complete(out) and (out / "model" / "config.json").is_file():
-        log.info("%s is complete; nothing to resume", out)
-        return out / "model"
-    env = setup_parallel(recipe.parallel, recipe.model.device if lm is None else str(lm.device))
-    try:
-        if env.is_main:
-            prepare_run_dir(out, "finetune", recipe_to_dict(recipe))
-            (out / COMPLETE_MARKER).unlink(missing_ok=True)  # a rerun is not complete until it ends
-        run = Finetune(recipe, out, env, lm, progress)
-        run.setup()
-        start = run.restore(resume)
-        run.train(start)
-        return run.finish()
-    finally:
-        env.close()

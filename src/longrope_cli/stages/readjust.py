@@ -7,7 +7,7 @@ same engine as `longrope search` does it (no second implementation):
 
 - candidate: the long factor set with `short_factor` replaced; n-hat stays the long set's (0 exports);
   the attention factor stays the long set's, because transformers applies it at every length;
-- grid: `search.factor_min` (1.0) to `readjust.factor_max`, step `search.factor_step`, non-decreasing;
+- grid: `readjust.factor_min` (1.0) to `readjust.factor_max`, step `readjust.factor_step`, non-decreasing;
 - seeds: no interpolation (all 1.0), NTK and PI up to the ceiling, the long factors clipped to it, and the
   file's previous short factors if it has some;
 - fitness: mean perplexity over `readjust.lengths` (each <= the original window) of search-split windows;
@@ -28,18 +28,20 @@ from longrope_cli.data import load_windows
 from longrope_cli.errors import RecipeError
 from longrope_cli.evaluate.perplexity import score_perplexity
 from longrope_cli.lengths import format_length
-from longrope_cli.models import LoadedModel
-from longrope_cli.outputs import mark_complete
+from longrope_cli.models import LoadedModel, load_recipe_model
 from longrope_cli.recipe import ReadjustConfig, Recipe, recipe_to_dict
 from longrope_cli.rope.baselines import ntk_factors
 from longrope_cli.rope.factors import FactorSet, load_factors
 from longrope_cli.rope.layout import RopeLayout
 from longrope_cli.rope.rotary import install_factors
+from longrope_cli.runtime import init_distributed
 from longrope_cli.search.engine import EvolutionSettings, Outcome, Problem
-from longrope_cli.search.evaluator import LocalEvaluator, init_distributed
+from longrope_cli.search.evaluator import LocalEvaluator
 from longrope_cli.search.evolution import Candidate, SearchSpace
-from longrope_cli.search.runner import FACTORS_FILE, SearchResult, drive, load_stage_model, windows_digest
+from longrope_cli.search.problem import windows_digest
 from longrope_cli.search.state import Scored, SearchState
+from longrope_cli.stages.folder import StageFolder, stage_folder
+from longrope_cli.stages.search import FACTORS_FILE, SearchResult, drive
 
 log = logging.getLogger(__name__)
 
@@ -70,17 +72,14 @@ def readjust_settings(recipe: Recipe) -> EvolutionSettings:
     quarter = max(1, cfg.population // 4)
     return EvolutionSettings(
         population=cfg.population, survivors=max(1, cfg.population // 2), mutations=quarter, crossovers=quarter,
-        mutation_prob=recipe.search.mutation_prob, iterations=cfg.iterations, seed=cfg.seed,
+        mutation_prob=cfg.mutation_prob, iterations=cfg.iterations, seed=cfg.seed,
         max_evals=cfg.max_evals, max_minutes=cfg.max_minutes, patience=cfg.patience,
     ).check("readjust")
 
 
 def readjust_problem(recipe: Recipe, layout: RopeLayout, long_set: FactorSet, windows_id: str) -> Problem:
     cfg = recipe.readjust
-    if cfg.factor_max < recipe.search.factor_min:
-        raise RecipeError(f"readjust.factor_max={cfg.factor_max} is below search.factor_min={recipe.search.factor_min}")
-    space = SearchSpace(layout.pairs, recipe.search.factor_min, cfg.factor_max, recipe.search.factor_step,
-                        (long_set.start_tokens,))
+    space = SearchSpace(layout.pairs, cfg.factor_min, cfg.factor_max, cfg.factor_step, (long_set.start_tokens,))
     if long_set.start_tokens:
         log.warning("readjust: the long factors keep n-hat=%d start tokens; plain transformers cannot export them",
                     long_set.start_tokens)
@@ -103,7 +102,7 @@ def readjust_problem(recipe: Recipe, layout: RopeLayout, long_set: FactorSet, wi
         "stage": "readjust", "model": layout.to_dict(), "windows": windows_id, "space": space.describe(),
         "long_factor": list(long_set.long_factor), "attention": long_set.attention,
         "seeds": [[*c.to_json(), o] for c, o in seeds],
-        **{k: getattr(cfg, k) for k in ("seed", "population")}, "mutation_prob": recipe.search.mutation_prob,
+        **{k: getattr(cfg, k) for k in ("seed", "population")}, "mutation_prob": cfg.mutation_prob,
     }
     return Problem(space=space, seeds=seeds, to_factors=to_factors, fingerprint=fingerprint, label="readjust")
 
@@ -120,17 +119,20 @@ def run_readjust(recipe: Recipe, out_dir: Path, *, resume: bool = False, lm: Loa
     cfg = recipe.readjust
     if not cfg.factors:
         raise RecipeError("readjust.factors is not set; pass --factors runs/search-256k/factors.json")
-    if cfg.documents < 1:
-        raise RecipeError(f"readjust.documents must be at least 1, got {cfg.documents}")
     load_factors(cfg.factors)  # a bad file fails before a large model loads
-    settings = readjust_settings(recipe)
     out_dir = Path(out_dir)
-    distributed = recipe.search.backend == "distributed"
+    distributed = cfg.backend == "distributed"
     if distributed:
         init_distributed(recipe.parallel.dist_backend, recipe.model.device)
-    if lm is None:
-        lm = load_stage_model(recipe, distributed)
-    layout = lm.layout
+    with stage_folder("readjust", recipe, out_dir) as folder:
+        return _readjust(recipe, lm or load_recipe_model(recipe.model), folder, resume=resume, progress=progress,
+                         distributed=distributed)
+
+
+def _readjust(recipe: Recipe, lm: LoadedModel, folder: StageFolder, *, resume: bool, progress: bool,
+              distributed: bool) -> SearchResult:
+    cfg, layout, out_dir = recipe.readjust, lm.layout, folder.out
+    settings = readjust_settings(recipe)
     long_set = load_factors(cfg.factors, layout)
     if not long_set.target_length or long_set.target_length <= layout.original_length:
         raise RecipeError(f"readjust.factors {cfg.factors!r} has no target beyond the original window "
@@ -177,10 +179,10 @@ def run_readjust(recipe: Recipe, out_dir: Path, *, resume: bool = False, lm: Loa
             best = replace(best, short_factor=best.long_factor).with_provenance(
                 perplexity=long_mean, perplexity_by_length=long_only, short_factor_is_long_factor=True)
         best.save(factors_path, layout)
-        mark_complete(out_dir, "readjust", factors_path, perplexity=best.provenance["perplexity"],
-                      evaluations=state.evaluations, stopped=state.stopped, seconds=round(state.elapsed, 2))
+        done = folder.complete(factors_path, perplexity=best.provenance["perplexity"],
+                               evaluations=state.evaluations, stopped=state.stopped, seconds=round(state.elapsed, 2))
         log.info("readjust: short-length perplexity %s (long factors alone: %s)", short_ppl, long_only)
-        return SearchResult(best=best, best_perplexity=best.provenance["perplexity"], evaluations=state.evaluations,
+        return SearchResult(stage=done.stage, out=done.out, artifact=done.artifact, summary=done.summary, best=best, best_perplexity=best.provenance["perplexity"], evaluations=state.evaluations,
                             factors_path=factors_path, history=state.history, stopped=state.stopped,
                             seconds=state.elapsed, counters=dict(state.counters))
 
