@@ -29,13 +29,26 @@ def small_search(**changes) -> list[str]:
     return [f"search.{key}={text(value)}" for key, value in {**SMALL_SEARCH, **changes}.items()]
 
 
-def longrope_args(argv: list[str]) -> list[str] | None:
-    """The arguments after `longrope` (or `-m longrope_cli`) in a shell command, e.g. under torchrun or srun;
-    None when the command does not run longrope."""
-    for i, arg in enumerate(argv):
-        if arg == "longrope" or (arg == "longrope_cli" and i > 0 and argv[i - 1] == "-m"):
-            return argv[i + 1:]
-    return None
+LAUNCHERS = ("srun", "torchrun", "mpirun", "python", "python3")
+
+
+def longrope_calls(argv: list[str]) -> list[list[str]]:
+    """The arguments after `longrope` (or `-m longrope_cli`, also under torchrun / srun) in a shell command line,
+    one list per longrope command between `&&`, `||`, `;` and `|`."""
+    calls, segment = [], []
+    for arg in [*argv, ";"]:
+        if arg not in ("&&", "||", ";", "|"):
+            segment.append(arg)
+            continue
+        if segment and segment[0] == "longrope":
+            calls.append(segment[1:])
+        elif segment and Path(segment[0]).name in LAUNCHERS:
+            for i, word in enumerate(segment):
+                if word == "longrope" or (word == "longrope_cli" and segment[i - 1] == "-m"):
+                    calls.append(segment[i + 1:])
+                    break
+        segment = []
+    return calls
 
 
 def longrope_usage_problems(args: list[str]) -> list[str]:

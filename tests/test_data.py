@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import math
 
 import numpy as np
 import pytest
@@ -15,8 +16,12 @@ from longrope_cli.errors import DataError
 
 def test_folder_splits_are_disjoint_and_windows_start_with_bos(tiny_corpus, tiny_tokenizer, tmp_path):
     corpus = load_corpus(str(tiny_corpus))
-    ids = {split: {d.id for d in corpus.split(split)} for split in ("train", "search", "eval")}
-    assert ids["search"].isdisjoint(ids["eval"]) and ids["train"].isdisjoint(ids["eval"])
+    assert corpus.by_folder and set(corpus.splits) == {"train", "search", "eval"}
+    for split in ("train", "search", "eval"):  # each split holds exactly its folder's documents
+        files = sorted((tiny_corpus / split).glob("*.txt"))
+        assert sorted(d.text for d in corpus.split(split)) == sorted(p.read_text(encoding="utf-8") for p in files)
+    texts = {split: {d.text for d in corpus.split(split)} for split in ("train", "search", "eval")}
+    assert texts["search"].isdisjoint(texts["eval"]) and texts["train"].isdisjoint(texts["eval"] | texts["search"])
     tokens = tokenize_documents(corpus.split("eval"), tiny_tokenizer, cache_dir=tmp_path)
     windows = make_windows(tokens, 128, 6, tiny_tokenizer.bos_token_id)
     assert windows.shape == (6, 128)
@@ -46,9 +51,18 @@ def test_jsonl_npy_and_hash_split(tmp_path):
         for i in range(200):
             handle.write(json.dumps({"body": f"document {i}"}) + "\n")
     corpus = load_corpus(str(path), text_field="body", search_fraction=0.2, eval_fraction=0.2)
-    sizes = {k: len(v) for k, v in corpus.splits.items()}
-    assert sum(sizes.values()) == 200 and all(20 < n < 130 for n in sizes.values())
-    assert load_corpus(str(path), text_field="body", search_fraction=0.2, eval_fraction=0.2).splits.keys() == sizes.keys()
+    texts = {split: [d.text for d in corpus.split(split)] for split in ("train", "search", "eval")}
+    # every document in exactly one split
+    assert sorted(t for split in texts.values() for t in split) == sorted(f"document {i}" for i in range(200))
+    # in proportion to the fractions (binomial, within 4 standard deviations)
+    for split, share in (("train", 0.6), ("search", 0.2), ("eval", 0.2)):
+        assert abs(len(texts[split]) - 200 * share) <= 4 * math.sqrt(200 * share * (1 - share)), (split, texts)
+    # deterministic: a second load puts every document in the same split
+    again = load_corpus(str(path), text_field="body", search_fraction=0.2, eval_fraction=0.2)
+    assert {split: [d.text for d in again.split(split)] for split in texts} == texts
+    # a hash of the document, not a draw: a larger eval share only moves documents into eval, never out of it
+    more = load_corpus(str(path), text_field="body", search_fraction=0.2, eval_fraction=0.3)
+    assert set(texts["eval"]) < {d.text for d in more.split("eval")}
     with pytest.raises(DataError, match="no field 'text'"):
         load_corpus(str(path))
     np.save(tmp_path / "tokens.npy", np.arange(50).reshape(5, 10))

@@ -9,8 +9,7 @@ import math
 import pytest
 
 from longrope_cli.errors import FactorFileError
-from longrope_cli.rope.baselines import yarn_factors
-from longrope_cli.rope.factors import FactorSet, load_factors, relative_to_absolute
+from longrope_cli.rope.factors import FactorSet, load_factors
 from longrope_cli.rope.layout import RopeLayout
 
 LAYOUT = RopeLayout(rotary_dim=8, rope_theta=10000.0, original_length=256, head_dim=8, name="tiny")
@@ -91,13 +90,6 @@ def test_official_csv_and_exported_config(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(config))
     loaded = load_factors(tmp_path / "config.json", LAYOUT)
     assert loaded.short_factor == (1.0,) * 4 and loaded.attention == 1.1
-
-
-def test_relative_search_is_multiplicative():
-    base = yarn_factors(LAYOUT, 2048)
-    relative = FactorSet(long_factor=(1.0, 2.0, 2.0, 2.0))
-    absolute = relative_to_absolute(relative, base)
-    assert absolute.long_factor == tuple(r * b for r, b in zip(relative.long_factor, base.long_factor, strict=True))
 
 
 # ---------------------------------------------------------------- attention factor of files that hold none

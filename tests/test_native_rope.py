@@ -206,10 +206,10 @@ def test_native_base_for_the_search(tmp_path, tiny_tokenizer):
 
 def test_eval_none_is_the_model_as_shipped(tmp_path, tiny_tokenizer, tiny_corpus):
     from longrope_cli.data import load_corpus, tokenize_documents
-    from longrope_cli.stages import evaluate as runner
     from longrope_cli.evaluate.perplexity import score_perplexity
     from longrope_cli.models import load_model
     from longrope_cli.recipe import build_recipe
+    from longrope_cli.stages import evaluate as runner
 
     model = tiny_llama(LLAMA3[0], max_positions=LLAMA3[1], vocab=len(tiny_tokenizer))
     model.save_pretrained(tmp_path / "m")

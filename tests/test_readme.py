@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from conftest import longrope_args, longrope_usage_problems, requires_testbed
+from conftest import longrope_calls, longrope_usage_problems, requires_testbed
 from longrope_cli.cli.main import cli
 from longrope_cli.recipe import field_docs
 
@@ -87,8 +87,7 @@ def cli_commands() -> list[str]:
 
 def longrope_invocations() -> list[list[str]]:
     """Arguments after `longrope` / `-m longrope_cli` in every bash and console block of the README."""
-    calls = [longrope_args(argv) for block in code_blocks(readme()) for argv in shell_commands(block)]
-    return [args for args in calls if args is not None]
+    return [args for block in code_blocks(readme()) for argv in shell_commands(block) for args in longrope_calls(argv)]
 
 
 def test_command_table_lists_exactly_the_cli_commands():

@@ -54,10 +54,3 @@ def shift_labels(input_ids: torch.Tensor) -> torch.Tensor:
     labels = torch.full_like(input_ids, -100)
     labels[:, :-1] = input_ids[:, 1:]
     return labels
-
-
-def causal_lm_loss(model: Any, input_ids: torch.Tensor, chunk: int = 1024, recompute: bool = False) -> torch.Tensor:
-    """Mean next-token loss of `input_ids` (B, L) without an L x vocab logits tensor."""
-    hidden = decoder_of(model)(input_ids=input_ids, use_cache=False).last_hidden_state
-    total, count = chunked_nll(model, hidden, shift_labels(input_ids), chunk=chunk, recompute=recompute)
-    return total / count.clamp(min=1)

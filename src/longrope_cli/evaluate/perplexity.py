@@ -49,13 +49,12 @@ def score_perplexity(
     windows: torch.Tensor | Sequence[torch.Tensor],
     chunk: int = 1024,
     progress: bool = False,
-    stop_above: float | None = None,
     labels: torch.Tensor | None = None,
 ) -> PerplexityResult:
     """Perplexity of `windows` (N, L) under the model as it is (install factors first).
 
-    NaN/inf never raises: the result is simply infinite. With `stop_above`, scoring stops as soon as
-    the windows seen so far already average a higher NLL than log(stop_above) (used by racing).
+    NaN/inf never raises: the result is simply infinite. `labels` (N, L): per-window targets (-100 = not
+    scored), e.g. only a needle's answer.
 
     Example:
         >>> score_perplexity(lm.model, windows).perplexity  # doctest: +SKIP
@@ -71,7 +70,5 @@ def score_perplexity(
         total += nll
         tokens += count
         per_window.append(perplexity_from_nll(nll / max(count, 1)))
-        if stop_above is not None and total / tokens > math.log(stop_above):
-            break
     mean = total / max(tokens, 1)
     return PerplexityResult(perplexity_from_nll(mean), mean, tokens, per_window)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -77,6 +78,36 @@ def _check_out(out: Path) -> None:
                               "empty folder (a previous export there would be replaced)")
 
 
+def write_model_folder(model: Any, tokenizer: Any, out: Path, factors: FactorSet, layout: RopeLayout,
+                       edit_config: Callable[[dict[str, Any]], dict[str, Any]], *,
+                       state: dict[str, Any] | None = None, marker: bool = False) -> Path:
+    """Write a Hugging Face folder (weights, tokenizer, edited config.json, factors.json) into OUT.partial and
+    rename it to OUT, so that it appears complete or not at all. transformers' own rotary modules are saved,
+    not ours. `state`: the weights to save instead of the model's own (the fine-tune's unsharded ones).
+    `marker`: tag the folder as longrope export's, the only folders `export_model` may later replace."""
+    tmp = out.with_name(out.name + ".partial")
+    if tmp.exists():
+        if marker and not (tmp / EXPORT_MARKER).is_file():
+            raise FactorFileError(f"{tmp} exists and was not written by longrope export; move it away or choose "
+                                  "another --out")
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    if marker:
+        (tmp / EXPORT_MARKER).write_text("written by longrope export\n", encoding="utf-8")
+    with original_rotary(model):
+        model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+    from longrope_cli.hf_compat import save_tokenizer  # a tokenizer_config.json transformers 4.57 loads too
+
+    save_tokenizer(tokenizer, tmp)
+    config_path = tmp / "config.json"
+    atomic_write_json(config_path, edit_config(json.loads(config_path.read_text(encoding="utf-8"))))
+    factors.save(tmp / "factors.json", layout)
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return out
+
+
 def export_model(model: Any, tokenizer: Any, factors: FactorSet, layout: RopeLayout, out_dir: str | Path,
                  target_length: int | None = None) -> Path:
     """Write `out_dir` (weights, tokenizer, config with longrope factors, factors.json) for plain transformers.
@@ -93,24 +124,5 @@ def export_model(model: Any, tokenizer: Any, factors: FactorSet, layout: RopeLay
     longrope_rope_parameters(factors, layout, target)  # refuse n-hat > 0 before writing anything
     out = Path(out_dir).resolve()
     _check_out(out)
-    tmp = out.with_name(out.name + ".partial")
-    if tmp.exists():
-        if not (tmp / EXPORT_MARKER).is_file():
-            raise FactorFileError(f"{tmp} exists and was not written by longrope export; move it away or choose "
-                                  "another --out")
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    (tmp / EXPORT_MARKER).write_text("written by longrope export\n", encoding="utf-8")
-    with original_rotary(model):  # save transformers' own modules, not ours
-        model.save_pretrained(tmp, safe_serialization=True)
-    from longrope_cli.hf_compat import save_tokenizer  # a tokenizer_config.json transformers 4.57 loads too
-
-    save_tokenizer(tokenizer, tmp)
-    config_path = tmp / "config.json"
-    config = json.loads(config_path.read_text(encoding="utf-8"))
-    atomic_write_json(config_path, exportable_config(config, factors, layout, target))
-    factors.with_provenance(exported_to=str(out)).save(tmp / "factors.json", layout)
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)  # the export appears complete or not at all
-    return out
+    return write_model_folder(model, tokenizer, out, factors.with_provenance(exported_to=str(out)), layout,
+                              lambda config: exportable_config(config, factors, layout, target), marker=True)

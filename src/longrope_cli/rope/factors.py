@@ -318,13 +318,3 @@ def _check_model(model: dict[str, Any], layout: RopeLayout, source: str) -> None
             raise FactorFileError(
                 f"{source}: made for a model with {key}={model[key]} ({model.get('name', '?')}), but "
                 f"{layout.name!r} has {key}={expected}; use factors searched on this model")
-
-
-def relative_to_absolute(relative: FactorSet, base: FactorSet) -> FactorSet:
-    """Progressive search: absolute lambda_i = relative lambda_i x base lambda_i (the fine-tuned model's factors)."""
-    if relative.pairs != base.pairs:
-        raise FactorFileError(f"relative factors have {relative.pairs} pairs, base factors {base.pairs}")
-    return replace(
-        relative,
-        long_factor=tuple(r * b for r, b in zip(relative.long_factor, base.long_factor, strict=True)),
-    )

@@ -21,10 +21,9 @@ import torch
 from torch import nn
 
 from longrope_cli.outputs import atomic_write_json
-from longrope_cli.rope.export import exportable_config
+from longrope_cli.rope.export import exportable_config, write_model_folder
 from longrope_cli.rope.factors import FactorSet
 from longrope_cli.rope.layout import RopeLayout
-from longrope_cli.rope.rotary import original_rotary
 from longrope_cli.training.distributed import ParallelEnv
 
 log = logging.getLogger(__name__)
@@ -137,21 +136,12 @@ def save_hf_model(model: Any, tokenizer: Any, state: dict[str, torch.Tensor], fa
     transformers runs the model as trained. transformers cannot express n-hat > 0: the config then keeps
     plain RoPE and says so under `longrope`; install `factors.json` with longrope to run it as trained.
     """
-    tmp = out.with_name(out.name + ".partial")
-    if tmp.exists():
-        shutil.rmtree(tmp)
     state = {k: v.detach().to("cpu", dtype=dtype if v.is_floating_point() else v.dtype) for k, v in state.items()}
-    with original_rotary(model):  # save transformers' modules, not ours
-        model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
-    from longrope_cli.hf_compat import save_tokenizer  # a tokenizer_config.json transformers 4.57 loads too
 
-    save_tokenizer(tokenizer, tmp)
-    config_path = tmp / "config.json"
-    config = json.loads(config_path.read_text(encoding="utf-8"))
-    config["dtype"] = config["torch_dtype"] = str(dtype).removeprefix("torch.")
-    if factors.start_tokens == 0 and target > layout.original_length:
-        config = exportable_config(config, factors, layout, target)
-    else:
+    def edit(config: dict[str, Any]) -> dict[str, Any]:
+        config["dtype"] = config["torch_dtype"] = str(dtype).removeprefix("torch.")
+        if factors.start_tokens == 0 and target > layout.original_length:
+            return exportable_config(config, factors, layout, target)
         plain = {"rope_type": "default", "rope_theta": layout.rope_theta}
         config.update(rope_parameters=plain, rope_scaling=None, max_position_embeddings=layout.original_length,
                       rope_theta=layout.rope_theta)
@@ -162,9 +152,6 @@ def save_hf_model(model: Any, tokenizer: Any, state: dict[str, torch.Tensor], fa
                     "load_factors('factors.json')) to run the model as trained"}
         log.warning("n-hat = %d: %s/config.json keeps plain RoPE; later stages install factors.json",
                     factors.start_tokens, out)
-    atomic_write_json(config_path, config)
-    factors.save(tmp / "factors.json", layout)
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)  # the model appears complete or not at all
-    return out
+        return config
+
+    return write_model_folder(model, tokenizer, out, factors, layout, edit, state=state)
