@@ -97,10 +97,14 @@ def load_model(
         256
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for the hub: everything is local
+    # transformers' own "Loading weights" bars would land in log files and --no-progress output; one line instead.
+    hf_logging.disable_progress_bar()
     path, gguf = resolve_model(name)
     target_device = pick_device(device)
+    log.info("loading model %s on %s", name, target_device)
     kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
     if gguf:
         kwargs["gguf_file"] = gguf

@@ -327,18 +327,27 @@ class Engine:
 # --------------------------------------------------------------------------- progress
 
 
-class _Progress:
-    """A rich progress bar (generation, evaluations, best perplexity, ETA) and a table per generation;
-    plain log lines when disabled (tests, non-interactive runs still get the log file)."""
+HEARTBEAT_SECONDS = 60.0
 
-    def __init__(self, enabled: bool, label: str, total: int) -> None:
+
+class _Progress:
+    """A rich progress bar (generation, evaluations, best perplexity, ETA) and a table per generation.
+    Every generation's summary is logged either way (so OUT/log.txt has it); without the bar a heartbeat line
+    every minute shows that a long generation is alive."""
+
+    def __init__(self, enabled: bool, label: str, total: int, heartbeat: float = HEARTBEAT_SECONDS) -> None:
         self.enabled = enabled
         self.label = label
         self.total = total
+        self.heartbeat = heartbeat
         self._bar: Any = None
         self._task: Any = None
+        self._done = 0
+        self._beat = time.monotonic()
 
     def start(self, done: int) -> None:
+        self._done = done
+        self._beat = time.monotonic()
         if not self.enabled:
             return
         from rich.progress import (
@@ -359,16 +368,22 @@ class _Progress:
         self._bar.start()
 
     def advance(self, n: int, best: float) -> None:
+        self._done += n
         if self._bar is not None:
             self._bar.update(self._task, advance=n, best=f"{best:.4f}" if math.isfinite(best) else "-")
+        elif time.monotonic() - self._beat >= self.heartbeat:
+            self._beat = time.monotonic()
+            log.info("%s: %d/%d evaluations, best perplexity so far %s", self.label, self._done, self.total,
+                     f"{best:.4f}" if math.isfinite(best) else "-")
 
     def generation(self, g: int, iterations: int, state: SearchState, problem: Problem, raced: int, scored: int,
                    hits: int) -> None:
         best = state.cache[state.parents[0]]
         summary = (f"{problem.label} generation {g}/{iterations}: {scored} scored, {hits} cached, {raced} raced; "
                    f"best perplexity {best.value:.4f}; {state.evaluations} evaluations, {state.elapsed:.0f} s")
+        log.info(summary)
+        self._beat = time.monotonic()
         if self._bar is None:
-            log.info(summary)
             return
         from rich.table import Table
 
@@ -380,7 +395,6 @@ class _Progress:
             lam = problem.to_factors(candidate).long_factor
             table.add_row(str(rank), f"{entry.value:.4f}", str(candidate.start),
                           f"{lam[0]:.2f}, {lam[len(lam) // 2]:.2f}, {lam[-1]:.2f}", entry.origin)
-        self._bar.console.print(summary, highlight=False)
         self._bar.console.print(table)
         self._bar.update(self._task, description=f"{self.label} gen {g}/{iterations}")
 

@@ -75,17 +75,20 @@ def stage_folder(stage: str, recipe: Any, out: str | Path) -> Iterator[StageFold
     out = Path(out)
     main = is_main_process()
     handler = None
+    root = logging.getLogger()
+    level = root.level
     if main:
         prepare_run_dir(out, stage, recipe_to_dict(recipe))
         (out / COMPLETE_MARKER).unlink(missing_ok=True)
-        root = logging.getLogger()
         if not any(isinstance(h, logging.FileHandler) and Path(h.baseFilename) == (out / LOG_FILE).resolve()
                    for h in root.handlers):
             handler = log_file_handler(out)
             root.addHandler(handler)
+            root.setLevel(min(level, logging.INFO) if level else logging.INFO)  # the file gets INFO from a library call too
     try:
         yield StageFolder(stage, out, main)
     finally:
         if handler is not None:
-            logging.getLogger().removeHandler(handler)
+            root.removeHandler(handler)
             handler.close()
+            root.setLevel(level)

@@ -1,0 +1,99 @@
+"""Every stage folder holds the same record, under the CLI and under `longrope run`: recipe.yaml, env.json,
+log.txt (with every generation's summary), complete.json; transformers' bars stay out; a heartbeat without bars."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from conftest import SMALL_SEARCH, small_search
+from longrope_cli.cli.main import cli
+from longrope_cli.pipeline import run_pipeline
+from longrope_cli.search.engine import _Progress
+from longrope_cli.stages import STAGES
+
+RECORD = ("recipe.yaml", "env.json", "log.txt", "complete.json")
+
+
+@pytest.fixture(autouse=True)
+def restore_logging():
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    for handler in root.handlers:
+        if handler not in handlers:
+            handler.close()
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
+
+@pytest.mark.integration
+def test_every_stage_folder_under_run_has_the_record(tiny_model_dir, tiny_corpus, tmp_path):
+    recipe = {
+        "model": {"name": str(tiny_model_dir), "device": "cpu"},
+        "data": {"corpus": str(tiny_corpus)},
+        "search": {**SMALL_SEARCH, "iterations": 1, "attention_search": False},
+        "readjust": {"population": 4, "iterations": 1, "documents": 1, "lengths": [32, 64]},
+        "eval": {"lengths": [64, 128], "methods": ["none", "${short}"], "documents": 1, "plots": False},
+        "stages": [
+            {"name": "long", "command": "search", "overrides": {"search.target": 128, "search.start_tokens": 0}},
+            {"name": "short", "command": "readjust", "overrides": {"readjust.factors": "${long}"}},
+            {"name": "ev", "command": "eval"},
+            {"name": "final", "command": "export"},
+        ],
+    }
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(recipe), encoding="utf-8")
+    outcomes = run_pipeline(path, out_root=tmp_path / "o", progress=True)
+    assert [o.command for o in outcomes] == ["search", "readjust", "eval", "export"]
+    for o in outcomes:
+        assert all((o.out / name).is_file() for name in RECORD), (o.name, sorted(p.name for p in o.out.iterdir()))
+        assert yaml.safe_load((o.out / "recipe.yaml").read_text())["output"]["dir"] == str(o.out)
+    search_log = (tmp_path / "o" / "long" / "log.txt").read_text()
+    # the live display (progress=True) still leaves every generation's summary in the log file
+    assert "search generation 1/1" in search_log
+    assert "Loading weights" not in search_log
+    assert (tmp_path / "o" / "final" / "model" / "config.json").is_file()
+    assert STAGES["export"].writes_factors is False
+
+
+def test_no_transformers_progress_bars_with_no_progress(tiny_model_dir, tiny_corpus, tmp_path, capfd):
+    result = CliRunner().invoke(cli, ["search", "--model", str(tiny_model_dir), "--target", "128", "--out",
+                                      str(tmp_path / "s"), "--max-evals", "8", "--no-progress",
+                                      f"data.corpus={tiny_corpus}", *small_search()])
+    assert result.exit_code == 0, result.output
+    captured = capfd.readouterr()
+    assert "Loading weights" not in result.output + captured.out + captured.err
+    assert "loading model" in (tmp_path / "s" / "log.txt").read_text()
+
+
+def test_without_bars_a_long_generation_logs_a_heartbeat(caplog):
+    progress = _Progress(enabled=False, label="search", total=100, heartbeat=0.0)
+    progress.start(10)
+    with caplog.at_level(logging.INFO):
+        progress.advance(5, 42.5)
+        progress.advance(5, float("inf"))
+    assert [r.getMessage() for r in caplog.records] == [
+        "search: 15/100 evaluations, best perplexity so far 42.5000",
+        "search: 20/100 evaluations, best perplexity so far -"]
+    quiet = _Progress(enabled=False, label="search", total=100)  # the default: once a minute
+    quiet.start(0)
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        quiet.advance(5, 42.5)
+    assert caplog.records == []
+
+
+def test_every_command_has_the_same_resume_and_progress_flags():
+    import click
+
+    ctx = click.Context(cli)
+    for name in STAGES:
+        command = cli.get_command(ctx, name)
+        opts = {opt for p in command.params for opt in (*p.opts, *p.secondary_opts)}
+        assert {"--resume", "--no-resume", "--progress", "--no-progress", "--model", "--out", "--device"} <= opts, name
+    run = cli.get_command(ctx, "run")
+    assert {"--progress", "--no-progress"} <= {o for p in run.params for o in (*p.opts, *p.secondary_opts)}
