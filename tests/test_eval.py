@@ -13,7 +13,7 @@ from click.testing import CliRunner
 from longrope_cli.errors import FactorFileError, RecipeError
 from longrope_cli.evaluate import methods as eval_methods
 from longrope_cli.evaluate import sliding
-from longrope_cli.evaluate.perplexity import window_nll
+from longrope_cli.evaluate.perplexity import score_perplexity, window_nll
 from longrope_cli.models import load_model
 from longrope_cli.recipe import build_recipe
 from longrope_cli.report import PLOTS, markdown_table, perplexity_table, write_plots
@@ -88,41 +88,44 @@ def test_results_json_plots_and_table(lm, tiny_model_dir, tiny_corpus, tmp_path)
     assert markdown_table(results).count("\n") == 2 + 5 - 1
 
 
-def test_resume_skips_finished_cells_after_a_crash(lm, tiny_model_dir, tiny_corpus, tmp_path, monkeypatch):
+def test_resume_skips_finished_cells_after_a_crash(lm, tiny_model_dir, tiny_corpus, tmp_path):
     recipe = make_recipe(tiny_model_dir, tiny_corpus)
-    real = runner.score_perplexity
     calls = []
 
     def crashing(model, windows, **kw):
         calls.append(windows.shape)
         if len(calls) == 4:
             raise RuntimeError("simulated crash")
-        return real(model, windows, **kw)
+        return score_perplexity(model, windows, **kw)
 
-    monkeypatch.setattr(runner, "score_perplexity", crashing)
     out = tmp_path / "out"
     with pytest.raises(RuntimeError, match="simulated crash"):
-        runner.run_eval(recipe, out, lm=lm, progress=False)
+        runner.run_eval(recipe, out, lm=lm, progress=False, scorer=crashing)
     assert len(list((out / "cells").glob("perplexity__*.json"))) == 3
     assert not (out / "complete.json").exists()
     partial = json.loads((out / "results.json").read_text())
     assert partial["complete"] is False and len(partial["perplexity"]) == 3
 
+    def counting(model, windows, **kw):
+        calls.append(1)
+        return score_perplexity(model, windows, **kw)
+
     calls.clear()
-    monkeypatch.setattr(runner, "score_perplexity", lambda model, windows, **kw: calls.append(1) or real(model, windows, **kw))
-    runner.run_eval(recipe, out, resume=True, lm=lm, progress=False)
+    runner.run_eval(recipe, out, resume=True, lm=lm, progress=False, scorer=counting)
     assert len(calls) == 3  # 6 cells, 3 of them finished before the crash
     assert len(json.loads((out / "results.json").read_text())["perplexity"]) == 6
 
     calls.clear()
     runner.run_eval(make_recipe(tiny_model_dir, tiny_corpus, lengths=[32, 128, 96]), out, resume=True, lm=lm,
-                    progress=False)
+                    progress=False, scorer=counting)
     assert len(calls) == 3  # only the new length
     calls.clear()
-    runner.run_eval(make_recipe(tiny_model_dir, tiny_corpus, documents=3), out, resume=True, lm=lm, progress=False)
+    runner.run_eval(make_recipe(tiny_model_dir, tiny_corpus, documents=3), out, resume=True, lm=lm, progress=False,
+                    scorer=counting)
     assert len(calls) == 6  # other windows: nothing is reused
     calls.clear()
-    runner.run_eval(make_recipe(tiny_model_dir, tiny_corpus, documents=3), out, resume=False, lm=lm, progress=False)
+    runner.run_eval(make_recipe(tiny_model_dir, tiny_corpus, documents=3), out, resume=False, lm=lm, progress=False,
+                    scorer=counting)
     assert len(calls) == 6  # without --resume everything is recomputed
 
 

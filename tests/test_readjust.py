@@ -34,29 +34,28 @@ def recipe_for(model_dir, corpus, factors, *overrides):
                               *SMALL, *overrides])
 
 
-def long_factors_score(monkeypatch, value):
-    """Fix the score of the long factors used at short lengths (a random model makes either side win)."""
+def long_factors_score(value):
+    """A scorer that fixes the score of the long factors used at short lengths (a random model makes either side
+    win); everything else is scored for real."""
     from types import SimpleNamespace
 
-    from longrope_cli.stages import readjust as readjust_module
-
-    real = readjust_module.score_perplexity
+    from longrope_cli.evaluate.perplexity import score_perplexity
 
     def scored(model, windows, **kw):
         if installed_factors(model).short_factor is None:
             return SimpleNamespace(perplexity=value)
-        return real(model, windows, **kw)
+        return score_perplexity(model, windows, **kw)
 
-    monkeypatch.setattr(readjust_module, "score_perplexity", scored)
+    return scored
 
 
 def test_readjust_writes_short_and_long_factors(lm, tiny_model_dir, tiny_corpus, long_factors, tmp_path,
                                                 monkeypatch):
-    long_factors_score(monkeypatch, 1e9)
     long_set = load_factors(long_factors)
     out = tmp_path / "out"
     result = run_readjust(recipe_for(tiny_model_dir, tiny_corpus, long_factors, "readjust.lengths=32,64",
-                                     "readjust.factor_max=1.5"), out, lm=lm, progress=False)
+                                     "readjust.factor_max=1.5"), out, lm=lm, progress=False,
+                          scorer=long_factors_score(1e9))
     final = load_factors(out / "factors.json", lm.layout, target_length=256)
     assert final.long_factor == long_set.long_factor  # kept
     assert final.attention == long_set.attention and final.start_tokens == 0
@@ -94,9 +93,9 @@ def test_default_lengths_follow_a_small_window_and_resume_is_a_no_op(lm, tiny_mo
 
 def test_readjust_never_returns_worse_than_the_long_factors(lm, tiny_model_dir, tiny_corpus, long_factors, tmp_path,
                                                             monkeypatch):
-    long_factors_score(monkeypatch, 1.5)  # the long factors beat every short set under the ceiling
     result = run_readjust(recipe_for(tiny_model_dir, tiny_corpus, long_factors, "readjust.lengths=32,64"),
-                          tmp_path / "out", lm=lm, progress=False)
+                          tmp_path / "out", lm=lm, progress=False,
+                          scorer=long_factors_score(1.5))  # the long factors beat every short set under the ceiling
     final = load_factors(tmp_path / "out" / "factors.json", lm.layout)
     assert final.short_factor == final.long_factor == load_factors(long_factors).long_factor
     assert result.best_perplexity == 1.5 and final.provenance["short_factor_is_long_factor"] is True

@@ -4,12 +4,7 @@ from __future__ import annotations
 
 import click
 
-from longrope_cli.cli.common import (
-    build_stage_recipe,
-    open_stage_dir,
-    recipe_arguments,
-    user_errors,
-)
+from longrope_cli.cli.common import build_stage_recipe, open_stage_dir, recipe_arguments, user_errors
 
 EPILOG = """\b
 Examples:

@@ -74,11 +74,12 @@ def _windows_for(recipe: Recipe, token_docs: list, bos: int | None, length: int)
 
 
 def run_eval(recipe: Recipe, out_dir: Path, *, resume: bool = False, lm: LoadedModel | None = None,
-             progress: bool = True) -> StageResult:
+             progress: bool = True, scorer: Callable[..., Any] = score_perplexity) -> StageResult:
     """Score every (method, length) cell of `recipe.eval`, write `out_dir/results.json` and the plots.
 
     With `resume`, cells already in `out_dir/cells/` with the same fingerprint are not recomputed.
-    A model passed as `lm` is left with the factors it had. The artifact is results.json.
+    A model passed as `lm` is left with the factors it had. The artifact is results.json. `scorer`: the
+    perplexity of a batch of windows (`evaluate.perplexity.score_perplexity`; a wrapper may count or fail).
 
     Example:
         >>> run_eval(load_recipe(flags={"eval.lengths": "256,512", "eval.documents": 2}), Path("runs/eval"))
@@ -88,7 +89,7 @@ def run_eval(recipe: Recipe, out_dir: Path, *, resume: bool = False, lm: LoadedM
         raise RecipeError("eval.lengths is empty; pass e.g. --lengths 4k,8k,16k")
     check_method_names(recipe.eval.methods)
     with stage_folder("eval", recipe, out_dir) as folder:
-        run = EvalRun(recipe, lm or load_recipe_model(recipe.model), Path(out_dir), resume, progress)
+        run = EvalRun(recipe, lm or load_recipe_model(recipe.model), Path(out_dir), resume, progress, scorer)
         previous = installed_factors(run.lm.model)
         try:
             run.perplexity_cells()
@@ -108,8 +109,9 @@ def run_eval(recipe: Recipe, out_dir: Path, *, resume: bool = False, lm: LoadedM
 class EvalRun:
     """One eval: the methods, the windows of every length (the same for every method) and the cells."""
 
-    def __init__(self, recipe: Recipe, lm: LoadedModel, out_dir: Path, resume: bool, progress: bool) -> None:
-        self.recipe, self.cfg, self.lm, self.progress = recipe, recipe.eval, lm, progress
+    def __init__(self, recipe: Recipe, lm: LoadedModel, out_dir: Path, resume: bool, progress: bool,
+                 scorer: Callable[..., Any] = score_perplexity) -> None:
+        self.recipe, self.cfg, self.lm, self.progress, self.scorer = recipe, recipe.eval, lm, progress, scorer
         layout = lm.layout
         native = native_factors(lm.model, layout)  # None for plain RoPE: baselines relative to theta_i as always
         self.methods = [dataclasses.replace(m, native=native) if m.kind == "baseline" else m
@@ -197,7 +199,7 @@ class EvalRun:
         else:
             if self.progress:
                 log.info("perplexity %s (%d windows)", desc, rows.shape[0])
-            scored = dataclasses.asdict(score_perplexity(self.lm.model, rows, chunk=chunk, progress=self.progress))
+            scored = dataclasses.asdict(self.scorer(self.lm.model, rows, chunk=chunk, progress=self.progress))
         return {"perplexity": json_number(scored["perplexity"]), "nll": json_number(scored["nll"]),
                 "tokens": scored["tokens"], "windows": int(rows.shape[0]),
                 "per_window": [json_number(p) for p in scored["per_window"]]}

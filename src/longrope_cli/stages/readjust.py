@@ -20,6 +20,7 @@ Output: `DIR/factors.json` with both `long_factor` and `short_factor`, ready for
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -108,9 +109,10 @@ def readjust_problem(recipe: Recipe, layout: RopeLayout, long_set: FactorSet, wi
 
 
 def run_readjust(recipe: Recipe, out_dir: Path, *, resume: bool = False, lm: LoadedModel | None = None,
-                 progress: bool = True) -> SearchResult:
+                 progress: bool = True, scorer: Callable[..., Any] = score_perplexity) -> SearchResult:
     """Search `short_factor` for the long factor file `recipe.readjust.factors`; write `out_dir/factors.json`
-    with both lists (export it with `longrope export`).
+    with both lists (export it with `longrope export`). `scorer` scores the per-length report and the
+    never-worse check (`evaluate.perplexity.score_perplexity`).
 
     Example:
         >>> run_readjust(load_recipe(None, ["readjust.factors=runs/search-2k/factors.json",
@@ -126,11 +128,11 @@ def run_readjust(recipe: Recipe, out_dir: Path, *, resume: bool = False, lm: Loa
         init_distributed(recipe.parallel.dist_backend, recipe.model.device)
     with stage_folder("readjust", recipe, out_dir) as folder:
         return _readjust(recipe, lm or load_recipe_model(recipe.model), folder, resume=resume, progress=progress,
-                         distributed=distributed)
+                         distributed=distributed, scorer=scorer)
 
 
 def _readjust(recipe: Recipe, lm: LoadedModel, folder: StageFolder, *, resume: bool, progress: bool,
-              distributed: bool) -> SearchResult:
+              distributed: bool, scorer: Callable[..., Any]) -> SearchResult:
     cfg, layout, out_dir = recipe.readjust, lm.layout, folder.out
     settings = readjust_settings(recipe)
     long_set = load_factors(cfg.factors, layout)
@@ -158,7 +160,7 @@ def _readjust(recipe: Recipe, lm: LoadedModel, folder: StageFolder, *, resume: b
 
     def per_length(factors: FactorSet) -> dict[str, float]:
         install_factors(lm.model, factors, layout)
-        return {format_length(n): score_perplexity(lm.model, g, chunk=recipe.model.loss_chunk).perplexity
+        return {format_length(n): scorer(lm.model, g, chunk=recipe.model.loss_chunk).perplexity
                 for n, g in zip(lengths, groups, strict=True)}
 
     def finish(outcome: Outcome) -> SearchResult:
