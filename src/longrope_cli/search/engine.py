@@ -247,8 +247,20 @@ class Engine:
 
     def _generation(self, state: SearchState, g: int, children: list[Child], parents: list[Candidate],
                     threshold: list[float] | None, rng: Any) -> None:
-        counters = state.counters
-        cache = state.cache
+        """Score the children that need it, keep the best `survivors`, record and checkpoint the generation."""
+        to_score, hits = self._pending(state, g, children)
+        self._score(state, g, to_score, parents, children, threshold)
+        raced_now, scored_now = self._select(state, g, children, parents, hits, threshold)
+        state.rng = rng_state(rng)
+        state.elapsed = self._elapsed()
+        if self.on_generation is not None:
+            self.on_generation(state.parents[0], state.cache[state.parents[0]], state)
+        save_state(self.out_dir, state)
+        self.progress.generation(g, self.settings.iterations, state, self.problem, raced_now, scored_now, hits)
+
+    def _pending(self, state: SearchState, g: int, children: list[Child]) -> tuple[list[Child], int]:
+        """The children to score now (not cached, within max_evals) and how many the cache already had."""
+        counters, cache = state.counters, state.cache
         counters["requested"] += len(children)
         hits, to_score = 0, []
         for child in children:
@@ -262,6 +274,11 @@ class Engine:
         counters["cache_hits"] += hits
         if self.settings.max_evals is not None:
             to_score = to_score[:max(0, self.settings.max_evals - state.evaluations)]
+        return to_score, hits
+
+    def _score(self, state: SearchState, g: int, to_score: list[Child], parents: list[Candidate],
+               children: list[Child], threshold: list[float] | None) -> None:
+        """Score in batches of the evaluator's parallelism; each batch is cached and logged as it lands."""
         batch = max(1, int(getattr(self.evaluator, "parallelism", 1)))
         for start in range(0, len(to_score), batch):
             if self._out_of_time() and (parents or start > 0):  # the first generation scores at least one batch
@@ -276,11 +293,16 @@ class Engine:
                                 tuple(getattr(fit, "per_window", ())))
                 if math.isnan(scored.value):
                     scored.value = math.inf  # NaN loses, and never breaks the ordering
-                cache[child.candidate] = scored
-                self._count(counters, scored)
-                records.append(log_record(child.candidate, scored, fs.long_factor, len(cache)))
+                state.cache[child.candidate] = scored
+                self._count(state.counters, scored)
+                records.append(log_record(child.candidate, scored, fs.long_factor, len(state.cache)))
             self.log.append(records)
             self.progress.advance(len(chunk), self._best_value(state, parents, children))
+
+    def _select(self, state: SearchState, g: int, children: list[Child], parents: list[Candidate], hits: int,
+                threshold: list[float] | None) -> tuple[int, int]:
+        """Parents and scored children compete for the survivors; returns (raced, scored) in this generation."""
+        cache = state.cache
         pool = [(c, cache[c].value, cache[c].complete) for c in parents]
         pool += [(ch.candidate, cache[ch.candidate].value, cache[ch.candidate].complete)
                  for ch in children if ch.candidate in cache]
@@ -290,25 +312,19 @@ class Engine:
         previous_best = cache[parents[0]].value if parents else math.inf
         state.parents = [c for c, _, _ in survivors]
         best = cache[state.parents[0]]
-        state.stalled = 0 if (g == 0 or rank_key(best.value, best.complete) < rank_key(previous_best, True)) \
-            else state.stalled + 1
+        improved = g == 0 or rank_key(best.value, best.complete) < rank_key(previous_best, True)
+        state.stalled = 0 if improved else state.stalled + 1
         self._seen.update(ch.candidate for ch in children)
-        scored_now = sum(1 for ch in children if ch.candidate in cache and cache[ch.candidate].generation == g)
-        raced_now = sum(1 for ch in children if ch.candidate in cache and cache[ch.candidate].generation == g
-                        and not cache[ch.candidate].complete)
-        worst = cache[state.parents[-1]]
+        now = [cache[ch.candidate] for ch in children if ch.candidate in cache and cache[ch.candidate].generation == g]
+        scored_now, raced_now = len(now), sum(1 for entry in now if not entry.complete)
         state.history.append({
             "generation": g, "children": len(children), "scored": scored_now, "cache_hits": hits,
-            "raced": raced_now, "best": json_number(best.value), "cutoff": json_number(worst.value),
-            "threshold": round(threshold[-1], 6) if threshold else None, "evaluations": state.evaluations, "elapsed": round(self._elapsed(), 3),
+            "raced": raced_now, "best": json_number(best.value), "cutoff": json_number(cache[state.parents[-1]].value),
+            "threshold": round(threshold[-1], 6) if threshold else None, "evaluations": state.evaluations,
+            "elapsed": round(self._elapsed(), 3),
         })
         state.generation = g
-        state.rng = rng_state(rng)
-        state.elapsed = self._elapsed()
-        if self.on_generation is not None:
-            self.on_generation(state.parents[0], best, state)
-        save_state(self.out_dir, state)
-        self.progress.generation(g, self.settings.iterations, state, self.problem, raced_now, scored_now, hits)
+        return raced_now, scored_now
 
     @staticmethod
     def _count(counters: dict[str, float], scored: Scored) -> None:
