@@ -190,3 +190,18 @@ def test_export_never_deletes_what_it_did_not_write(tiny_model_dir, tmp_path, mo
     assert (mine / "notes.txt").is_file()
     again = export(lm, factors, tmp_path / "again")  # a previous export is replaced
     assert export(lm, factors, again) == again and (again / "config.json").is_file()
+
+
+def test_export_reads_the_recipe_model_section_original_length_included(tiny_model_dir, tmp_path):
+    """Factors searched with model.original_length (e.g. Mistral's 8k) export with the same recipe: before the one
+    loader, export dropped the key and refused the file as made for another model."""
+    lm = load_model(str(tiny_model_dir), device="cpu", original_length=32)
+    path = factor_set(lm.layout.pairs, 32, 256).save(tmp_path / "factors.json", lm.layout)
+    runner = CliRunner()
+    args = ["export", "--model", str(tiny_model_dir), "--factors", str(path)]
+    dropped = runner.invoke(cli, [*args, "--out", str(tmp_path / "plain")])
+    assert dropped.exit_code == 2 and "original_length" in dropped.output  # the file says 32, the config 64
+    kept = runner.invoke(cli, [*args, "model.original_length=32", "--out", str(tmp_path / "kept")])
+    assert kept.exit_code == 0, kept.output
+    config = json.loads((tmp_path / "kept" / "model" / "config.json").read_text())
+    assert config["original_max_position_embeddings"] == 32 and config["max_position_embeddings"] == 256
