@@ -53,7 +53,8 @@ GIB = 1024**3
 ORIGINAL_WINDOW = 4096  # LLaMA2
 
 
-def build_model(args: argparse.Namespace, layers: int, dtype: torch.dtype, tmp: Path) -> LoadedModel:
+def build_model(args: argparse.Namespace, layers: int, dtype: torch.dtype, tmp: Path,
+                original: int = ORIGINAL_WINDOW) -> LoadedModel:
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
@@ -65,13 +66,15 @@ def build_model(args: argparse.Namespace, layers: int, dtype: torch.dtype, tmp: 
     folder = tmp / f"model-{layers}-{str(dtype).removeprefix('torch.')}"
     config.save_pretrained(folder)  # the trainer reads the checkpoint's dtype from config.json
     tokenizer = AutoTokenizer.from_pretrained(testbed_path())  # ids < 2048 < vocab: real text, any vocab
-    layout = layout_from_config(config, name="llama2-7b-shape", original_length=ORIGINAL_WINDOW)
+    layout = layout_from_config(config, name="llama2-7b-shape", original_length=original)
     return LoadedModel(model=model, tokenizer=tokenizer, layout=layout, name="llama2-7b-shape", path=folder)
 
 
 def measure(args: argparse.Namespace, layers: int, dtype_name: str, length: int, tmp: Path) -> dict:
     dtype = getattr(torch, dtype_name)
-    lm = build_model(args, layers, dtype, tmp)
+    # Fine-tuning extends the window: a short smoke length gets a smaller original window (memory does not
+    # depend on it).
+    lm = build_model(args, layers, dtype, tmp, original=min(ORIGINAL_WINDOW, length // 2))
     factors = tmp / f"factors-{length}.json"
     yarn_factors(lm.layout, length).save(factors, lm.layout)
     recipe = load_recipe(args.recipe, [

@@ -256,5 +256,6 @@ def test_quick_start_runs_as_written(tmp_path):
     assert set(ppl) == {(m, n) for m in methods for n in (256, 512, 1024, 2048, 4096)}
     # the searched factors, at the length they were searched for, beat plain RoPE, PI and NTK
     assert ppl[("search-2k", 2048)] < min(ppl[(m, 2048)] for m in ("none", "pi", "ntk")), ppl
-    config = json.loads((tmp_path / "runs" / "testbed-2k" / "config.json").read_text())
+    exported = re.search(r"from_pretrained\('([^']+)'\)", quick_start()).group(1)  # the folder the block loads
+    config = json.loads((tmp_path / exported / "config.json").read_text())
     assert config["rope_scaling"]["long_factor"] == factors["long_factor"]

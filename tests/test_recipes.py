@@ -97,14 +97,7 @@ def test_every_stage_runs_the_papers_settings(name, tmp_path):
             assert ft.model.name == str(tmp_path / model / "model"), stage_name
 
 
-@pytest.mark.parametrize("name", [
-    "tiny.yaml",
-    pytest.param("llama2-7b-2m.yaml", marks=pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-        "known recipe bug: its comments say the 2048k search keeps the fine-tuned temperature (attention: base), "
-        "but the stage does not set search.attention=base, so it searches with su at 512x"))),
-    pytest.param("mistral-7b-2m.yaml", marks=pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-        "known recipe bug: as llama2-7b-2m.yaml, the 2048k stage lacks search.attention=base"))),
-])
+@pytest.mark.parametrize("name", ["tiny.yaml", "llama2-7b-2m.yaml", "mistral-7b-2m.yaml"])
 def test_progressive_searches_keep_the_fine_tuned_temperature(name, tmp_path):
     """A search on a fine-tuned model (search.base_factors) keeps the attention factor the model was trained with
     (README: "the fine-tuned model learns the temperature and the progressive stages keep it")."""

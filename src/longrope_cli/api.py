@@ -10,7 +10,7 @@ Example (runs as written on the bundled test bed):
 from __future__ import annotations
 
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -46,26 +46,14 @@ def save_factors(factors: FactorSet, layout: RopeLayout, path: str | Path) -> Pa
     return factors.save(path, layout)
 
 
-def export(model: str | LoadedModel, factors: FactorSet | str | Path, out_dir: str | Path,
-           short_factors: FactorSet | str | Path | None = None, target_length: int | str | None = None,
-           device: str = "cpu") -> Path:
-    """Export model + factors as a Hugging Face directory that plain transformers loads.
+def export_factors(lm: LoadedModel, factors: FactorSet | str | Path, short_factors: FactorSet | str | Path | None = None,
+                   target_length: int | str | None = None) -> tuple[FactorSet, int | None]:
+    """The factor set an export writes, checked against the model, and the target (None: the file's).
 
     `short_factors` (optional) supplies short_factor: a file's own short_factor if it has one, else its
-    long_factor. Example:
-        >>> export("testbed", "runs/search-2k/factors.json", "runs/export-2k")  # doctest: +SKIP
-    """
-    from dataclasses import replace
-
-    from longrope_cli.rope.export import export_model
-
-    for source in (factors, short_factors):  # fail on a bad file before loading a large model
-        if source is not None and not isinstance(source, FactorSet):
-            load_factors(source)
-    lm = model if isinstance(model, LoadedModel) else load_model(model, device=device)
+    long_factor. The official CSV has no target inside: `target_length` gives it one, and with it su."""
     target = parse_length(target_length, "--target") if target_length is not None else None
     if isinstance(factors, str | Path) and Path(factors).suffix.lower() == ".csv":
-        # The official CSV has no target inside: --target gives it one, and with it the su attention factor.
         long_set = load_factors(factors, lm.layout, target_length=target)
     else:
         long_set = as_factor_set(factors, lm.layout)
@@ -73,6 +61,24 @@ def export(model: str | LoadedModel, factors: FactorSet | str | Path, out_dir: s
         short_set = as_factor_set(short_factors, lm.layout)
         short = short_set.short_factor if short_set.short_factor is not None else short_set.long_factor
         long_set = replace(long_set, short_factor=short)
+    return long_set, target
+
+
+def export(model: str | LoadedModel, factors: FactorSet | str | Path, out_dir: str | Path,
+           short_factors: FactorSet | str | Path | None = None, target_length: int | str | None = None,
+           device: str = "cpu") -> Path:
+    """Export model + factors as a Hugging Face directory that plain transformers loads.
+
+    Example:
+        >>> export("testbed", "runs/search-2k/factors.json", "runs/export-2k")  # doctest: +SKIP
+    """
+    from longrope_cli.rope.export import export_model
+
+    for source in (factors, short_factors):  # fail on a bad file before loading a large model
+        if source is not None and not isinstance(source, FactorSet):
+            load_factors(source)
+    lm = model if isinstance(model, LoadedModel) else load_model(model, device=device)
+    long_set, target = export_factors(lm, factors, short_factors, target_length)
     return export_model(lm.model, lm.tokenizer, long_set, lm.layout, out_dir, target_length=target)
 
 

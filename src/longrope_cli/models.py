@@ -96,6 +96,7 @@ def load_model(
         >>> lm.layout.original_length
         256
     """
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -112,7 +113,8 @@ def load_model(
         tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(
             path, dtype=pick_dtype(dtype, target_device), attn_implementation=attn_implementation, **kwargs)
-    except (OSError, ValueError, ImportError) as err:
+    except (OSError, ValueError, ImportError, KeyError, RuntimeError, SafetensorError) as err:
+        # a corrupt or foreign checkpoint is the user's to fix: one line, not a traceback
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ModelError(f"cannot load model {name!r}: {first}") from None
     if gguf:

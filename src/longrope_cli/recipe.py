@@ -254,6 +254,20 @@ ITEM_RANGES: dict[str, tuple[Any, str]] = {
 NOT_EMPTY = ("search.start_token_choices", "readjust.lengths", "eval.lengths", "eval.methods")
 
 
+def _check_choice(key: str, value: Any, words: tuple[str, ...], number: str, integer: bool = False) -> None:
+    """A value that is one of `words` or a number (> 0, or an integer >= 0)."""
+    text = str(value).strip().lower()
+    if text in words:
+        return
+    try:
+        number_value = int(text) if integer else float(text)
+    except ValueError:
+        number_value = None
+    if number_value is None or not math.isfinite(number_value) or number_value < 0 or (not integer
+                                                                                       and number_value == 0):
+        raise RecipeError(f"{key}={value!r}: use {', '.join(words)} or {number}")
+
+
 def check_ranges(recipe: Recipe) -> Recipe:
     """Every value in range, or a one-line RecipeError naming the key, the value and what it must be."""
     def value_of(key: str) -> Any:
@@ -273,6 +287,9 @@ def check_ranges(recipe: Recipe) -> Recipe:
             raise RecipeError(f"{key} is empty; give at least one value (see `longrope recipe fields`)")
     if recipe.data.search_fraction + recipe.data.eval_fraction >= 1.0:
         raise RecipeError("data.search_fraction + data.eval_fraction must be below 1 (the rest is the train split)")
+    _check_choice("search.attention", recipe.search.attention, ("su", "yarn", "none", "base"), "a positive number")
+    _check_choice("search.critical_dim", recipe.search.critical_dim, ("off", "none", "false", "auto", "search"),
+                  "a pair index >= 0", integer=True)
     from longrope_cli.stages import STAGES  # the one list of stage names
 
     for k, stage in enumerate(recipe.stages):
@@ -437,6 +454,10 @@ def read_recipe_file(path: str | Path) -> dict[str, Any]:
         raise RecipeError(f"recipe file {str(path)!r} not found; pass a YAML file such as recipes/tiny.yaml")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise RecipeError(f"recipe {str(path)!r} is not UTF-8 text; save it as UTF-8 and retry") from None
+    except OSError as err:
+        raise RecipeError(f"recipe {str(path)!r} cannot be read ({err.strerror or err})") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""

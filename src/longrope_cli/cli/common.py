@@ -103,8 +103,10 @@ def user_errors(func: Callable) -> Callable:
             click.echo(f"error: {message}", err=True)
             sys.exit(err.exit_code)
         except KeyboardInterrupt:
-            click.echo("interrupted: finished work is saved; rerun the same command with --resume to continue",
-                       err=True)
+            ctx = click.get_current_context(silent=True)
+            how = ("rerun the same command: complete stages are skipped, the interrupted one resumes"
+                   if ctx is not None and ctx.info_name == "run" else "rerun the same command with --resume")
+            click.echo(f"interrupted: finished work is saved; {how}", err=True)
             sys.exit(130)
 
     return wrapper

@@ -108,6 +108,19 @@ def write_model_folder(model: Any, tokenizer: Any, out: Path, factors: FactorSet
     return out
 
 
+def check_export(factors: FactorSet, layout: RopeLayout, out_dir: str | Path, target_length: int | None = None) -> int:
+    """Everything `export_model` refuses, checked before anything is written; returns the export's target."""
+    target = target_length or factors.target_length
+    if not target or target <= layout.original_length:
+        raise FactorFileError(
+            f"export needs a target longer than the original window {format_length(layout.original_length)}; "
+            "pass --target")
+    factors.check(layout, source="export")
+    longrope_rope_parameters(factors, layout, target)  # n-hat > 0 cannot be expressed
+    _check_out(Path(out_dir).resolve())
+    return target
+
+
 def export_model(model: Any, tokenizer: Any, factors: FactorSet, layout: RopeLayout, out_dir: str | Path,
                  target_length: int | None = None) -> Path:
     """Write `out_dir` (weights, tokenizer, config with longrope factors, factors.json) for plain transformers.
@@ -115,14 +128,7 @@ def export_model(model: Any, tokenizer: Any, factors: FactorSet, layout: RopeLay
     Example:
         >>> export_model(lm.model, lm.tokenizer, factors, lm.layout, "runs/export")  # doctest: +SKIP
     """
-    target = target_length or factors.target_length
-    if not target or target <= layout.original_length:
-        raise FactorFileError(
-            f"export needs a target longer than the original window {format_length(layout.original_length)}; "
-            "pass --target")
-    factors.check(layout, source="export")
-    longrope_rope_parameters(factors, layout, target)  # refuse n-hat > 0 before writing anything
+    target = check_export(factors, layout, out_dir, target_length)
     out = Path(out_dir).resolve()
-    _check_out(out)
     return write_model_folder(model, tokenizer, out, factors.with_provenance(exported_to=str(out)), layout,
                               lambda config: exportable_config(config, factors, layout, target), marker=True)

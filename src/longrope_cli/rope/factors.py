@@ -258,17 +258,29 @@ def _from_mapping(data: dict[str, Any], source: str,
         factor = float(attention.get("factor", 1.0))
     except (TypeError, ValueError):
         raise FactorFileError(f"{source}: attention.factor must be a number") from None
+    target = data.get("target_length")
+    if target is not None and (not isinstance(target, int) or isinstance(target, bool) or target < 1):
+        raise FactorFileError(f"{source}: target_length must be a positive integer number of tokens (e.g. 262144), "
+                              f"got {target!r}")
+    for key in ("provenance", "model"):
+        if data.get(key) is not None and not isinstance(data[key], dict):
+            raise FactorFileError(f"{source}: {key} must be a JSON object, got {type(data[key]).__name__}")
+    model = dict(data.get("model") or {})
+    for key in ("rotary_dim", "rope_theta", "original_length"):
+        value = model.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)):
+            raise FactorFileError(f"{source}: model.{key} must be a number, got {value!r}")
     factors = FactorSet(
         long_factor=_as_floats(data["long_factor"], "long_factor", source),
         start_tokens=start_tokens,
         attention=factor,
         attention_policy=str(attention.get("policy", "none")),
         short_factor=_as_floats(short, "short_factor", source) if short is not None else None,
-        target_length=data.get("target_length"),
+        target_length=target,
         method=str(data.get("method", "longrope")),
         provenance=dict(data.get("provenance") or {}),
     )
-    return factors, dict(data.get("model") or {})
+    return factors, model
 
 
 def load_factors(path: str | Path, layout: RopeLayout | None = None, target_length: int | None = None) -> FactorSet:
@@ -285,6 +297,9 @@ def load_factors(path: str | Path, layout: RopeLayout | None = None, target_leng
     if path.is_dir() and (path / "factors.json").is_file():
         path = path / "factors.json"
         source = str(path)
+    if path.is_dir():
+        raise FactorFileError(f"{source} is a folder without a factors.json; pass a factor file or a stage folder "
+                              "that holds one")
     if not path.is_file():
         raise FactorFileError(f"factor file {source!r} not found; pass the factors.json written by a previous stage")
     if path.suffix.lower() == ".csv":
@@ -294,6 +309,10 @@ def load_factors(path: str | Path, layout: RopeLayout | None = None, target_leng
             data = json.loads(path.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise FactorFileError(f"{source}: not valid JSON ({err.msg if hasattr(err, 'msg') else err})") from None
+        except RecursionError:
+            raise FactorFileError(f"{source}: nested too deeply to be a factor file") from None
+        except OSError as err:
+            raise FactorFileError(f"{source}: cannot be read ({err.strerror or err})") from None
         if not isinstance(data, dict):
             raise FactorFileError(f"{source}: expected a JSON object with 'long_factor'")
         factors, model = _from_mapping(data, source, layout)

@@ -90,6 +90,8 @@ def run_eval(recipe: Recipe, out_dir: Path, *, resume: bool = False, lm: LoadedM
     check_method_names(recipe.eval.methods)
     with stage_folder("eval", recipe, out_dir) as folder:
         run = EvalRun(recipe, lm or load_recipe_model(recipe.model), Path(out_dir), resume, progress, scorer)
+        folder.open()  # after every check (methods, factor files, windows): a refused eval leaves OUT as it was
+        run.store = CellStore(Path(out_dir), resume)
         previous = installed_factors(run.lm.model)
         try:
             run.perplexity_cells()
@@ -144,7 +146,7 @@ class EvalRun:
         }
         self.base_key = {"model": {k: model_info[k] for k in ("name", "layout", "dtype")},
                          "chunk": recipe.model.loss_chunk}
-        self.store = CellStore(out_dir, resume)
+        self.store: CellStore | None = None  # opened with the folder
         self.out_dir = out_dir
         self.results_path = out_dir / RESULTS_FILE
         self.ppl_cells: list[dict[str, Any]] = []

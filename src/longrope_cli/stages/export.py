@@ -14,6 +14,7 @@ from pathlib import Path
 from longrope_cli.errors import RecipeError
 from longrope_cli.models import LoadedModel, load_recipe_model
 from longrope_cli.recipe import Recipe
+from longrope_cli.rope.export import check_export, export_model
 from longrope_cli.rope.factors import load_factors
 from longrope_cli.stages.folder import StageResult, stage_folder
 
@@ -29,7 +30,7 @@ def run_export(recipe: Recipe, out_dir: str | Path, *, resume: bool = False, lm:
     Example:
         >>> run_export(load_recipe(None, ["export.factors=runs/search-2k"]), "runs/export-2k").artifact  # doctest: +SKIP
     """
-    from longrope_cli.api import export
+    from longrope_cli.api import export_factors
 
     cfg = recipe.export
     if not cfg.factors:
@@ -40,7 +41,9 @@ def run_export(recipe: Recipe, out_dir: str | Path, *, resume: bool = False, lm:
     with stage_folder("export", recipe, out_dir) as folder:
         device = recipe.model.device if recipe.model.device != "auto" else "cpu"
         model = lm or load_recipe_model(recipe.model, device=device)
-        path = export(model, cfg.factors, Path(out_dir) / MODEL_DIR, short_factors=cfg.short_factors,
-                      target_length=cfg.target)
+        factors, target = export_factors(model, cfg.factors, cfg.short_factors, cfg.target)
+        check_export(factors, model.layout, Path(out_dir) / MODEL_DIR, target)
+        folder.open()  # every check above: a refused export leaves OUT as it was
+        path = export_model(model.model, model.tokenizer, factors, model.layout, Path(out_dir) / MODEL_DIR, target)
         log.info("exported to %s", path)
         return folder.complete(path)

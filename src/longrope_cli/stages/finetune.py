@@ -19,9 +19,10 @@ import logging
 from pathlib import Path
 
 from longrope_cli.models import LoadedModel
-from longrope_cli.outputs import is_complete
+from longrope_cli.outputs import COMPLETE_MARKER, is_complete
 from longrope_cli.recipe import Recipe
-from longrope_cli.stages.folder import StageResult, completed_result, stage_folder
+from longrope_cli.stages.folder import StageResult, completed_result, refuse_overwrite, stage_folder
+from longrope_cli.training.checkpoint import CHECKPOINT
 from longrope_cli.training.distributed import setup_parallel
 from longrope_cli.training.trainer import Finetune
 
@@ -43,9 +44,11 @@ def run_finetune(recipe: Recipe, out_dir: str | Path, *, resume: bool = False, l
     env = setup_parallel(recipe.parallel, recipe.model.device if lm is None else str(lm.device))
     try:
         with stage_folder("finetune", recipe, out) as folder:
+            refuse_overwrite(out, "finetune", resume, COMPLETE_MARKER, CHECKPOINT, CHECKPOINT + ".old")
             run = Finetune(recipe, out, env, lm, progress)
             run.setup()
-            start = run.restore(resume)
+            start = run.restore(resume)  # refuses a checkpoint made with other settings
+            folder.open()  # every check above: a refused fine-tune leaves OUT as it was
             run.train(start)
             return run.finish(folder.complete)
     finally:

@@ -40,8 +40,8 @@ from longrope_cli.search.engine import EvolutionSettings, Outcome, Problem
 from longrope_cli.search.evaluator import LocalEvaluator
 from longrope_cli.search.evolution import Candidate, SearchSpace
 from longrope_cli.search.problem import windows_digest
-from longrope_cli.search.state import Scored, SearchState
-from longrope_cli.stages.folder import StageFolder, stage_folder
+from longrope_cli.search.state import STATE_FILE, Scored, SearchState
+from longrope_cli.stages.folder import StageFolder, refuse_overwrite, stage_folder
 from longrope_cli.stages.search import FACTORS_FILE, SearchResult, drive
 
 log = logging.getLogger(__name__)
@@ -142,6 +142,8 @@ def _readjust(recipe: Recipe, lm: LoadedModel, folder: StageFolder, *, resume: b
     lengths = readjust_lengths(cfg, layout)
     groups = [load_windows(recipe.data, lm.tokenizer, "search", n, cfg.documents) for n in lengths]
     problem = readjust_problem(recipe, layout, long_set, windows_digest(groups))
+    refuse_overwrite(out_dir, "readjust", resume, STATE_FILE)
+    folder.open()  # every check above: a refused readjust leaves OUT as it was
     local = LocalEvaluator(lm.model, layout, groups, chunk=recipe.model.loss_chunk)
     factors_path = out_dir / FACTORS_FILE
     log.info("readjust: %s, short factors at %s, grid %s..%s, %d evaluations planned", layout.name,

@@ -45,8 +45,8 @@ from longrope_cli.search.problem import (
     windows_digest,
 )
 from longrope_cli.search.refine import REFINE_FILE, ScoreBook, search_attention, validate_top
-from longrope_cli.search.state import Scored, SearchState
-from longrope_cli.stages.folder import StageFolder, StageResult, stage_folder
+from longrope_cli.search.state import STATE_FILE, Scored, SearchState
+from longrope_cli.stages.folder import StageFolder, StageResult, refuse_overwrite, stage_folder
 
 log = logging.getLogger(__name__)
 
@@ -180,21 +180,27 @@ def run_search(recipe: Recipe, out_dir: Path, *, resume: bool = False, lm: Loade
             # `base` asks for the fine-tuned model's own temperature: keep it exactly.
             log.info("search: attention=base keeps the fine-tuned temperature; no attention search")
             recipe = replace(recipe, search=replace(recipe.search, attention_search=False))
+        cfg, layout = recipe.search, lm.layout
+        settings_from_search(recipe)
+        chosen = search_windows(recipe, lm.tokenizer, target, windows)
+        native = native_base(lm.model, layout) if layout.prescaled and not cfg.base_factors else None
+        search_problem(recipe, layout, target, windows_digest(chosen.fitness), native)
+        refuse_overwrite(out_dir, "search", resume, STATE_FILE)
+        folder.open()  # every check above: a refused command leaves OUT as it was
         started = time.monotonic()
-        result = _search(recipe, lm, target, search_windows(recipe, lm.tokenizer, target, windows), folder,
-                         resume=resume, progress=progress, distributed=distributed, ranks=ranks)
+        result = _search(recipe, lm, target, chosen, native, folder, resume=resume, progress=progress,
+                         distributed=distributed, ranks=ranks)
         if is_main_process():
             log.info("search finished in %.1f s: perplexity %.4f at %s, factors in %s", time.monotonic() - started,
                      result.best_perplexity, format_length(target), result.factors_path)
         return result
 
 
-def _search(recipe: Recipe, lm: LoadedModel, target: int, windows: SearchWindows, folder: StageFolder, *,
-            resume: bool, progress: bool, distributed: bool, ranks: int) -> SearchResult:
+def _search(recipe: Recipe, lm: LoadedModel, target: int, windows: SearchWindows, native: FactorSet | None,
+            folder: StageFolder, *, resume: bool, progress: bool, distributed: bool, ranks: int) -> SearchResult:
     cfg, layout, out_dir = recipe.search, lm.layout, folder.out
     settings = settings_from_search(recipe)
     fresh = len(windows.fresh)
-    native = native_base(lm.model, layout) if layout.prescaled and not cfg.base_factors else None
     if native is not None:
         log.info("search: %s already scales RoPE (%s, %s): searching relative to it", layout.name, layout.rope_type,
                  format_length(native.target_length))

@@ -164,6 +164,9 @@ class Finetune:
         self.target = cfg.target or self.factors.target_length
         if not self.target:
             raise RecipeError(f"{cfg.factors} names no target length; pass --target (e.g. --target 2k)")
+        if self.target < lm.layout.original_length:  # at the window itself is allowed: a warm-up with the factors
+            raise RecipeError(f"finetune.target={format_length(self.target)} is below the model's original window "
+                              f"{format_length(lm.layout.original_length)}; pass a longer --target")
         if env.context_parallel > 1 and self.target % (2 * env.context_parallel):
             raise RecipeError(f"finetune.target={self.target} must be a multiple of 2 x parallel.context_parallel "
                               f"(load-balanced ring attention)")
@@ -227,12 +230,15 @@ class Finetune:
             raise RecipeError(f"finetune.short_batch_size: the target {format_length(self.target)} is not beyond the "
                               f"original window {format_length(self.lm.layout.original_length)}; set it to 0")
 
+    # What a checkpoint must agree on to be resumed: another batch, schedule or learning rate would silently change
+    # the run while recipe.yaml records the new values. Recipe key -> this run's value.
     def settings(self) -> dict[str, Any]:
-        """What a checkpoint must agree on to be resumed (a different batch would silently change the run)."""
         cfg = self.cfg
-        return {"target": self.target, "batch_size": cfg.batch_size, "seed": cfg.seed,
-                "factors": _digest(self.factors), "model": self.recipe.model.name,
-                "short_batch_size": cfg.short_batch_size}
+        return {"finetune.target": self.target, "finetune.batch_size": cfg.batch_size, "finetune.seed": cfg.seed,
+                "finetune.factors": _digest(self.factors), "model.name": self.recipe.model.name,
+                "finetune.short_batch_size": cfg.short_batch_size, "finetune.steps": cfg.steps,
+                "finetune.lr": cfg.lr, "finetune.schedule": cfg.schedule, "finetune.warmup_steps": cfg.warmup_steps,
+                "finetune.weight_decay": cfg.weight_decay, "finetune.grad_clip": cfg.grad_clip}
 
     def restore(self, resume: bool) -> int:
         found = ckpt.find_checkpoint(self.out)
@@ -240,12 +246,13 @@ class Finetune:
             if resume:
                 log.info("no checkpoint in %s: starting at step 0", self.out)
             return 0
-        saved = ckpt.read_trainer_state(found)
+        saved = ckpt.read_trainer_state(found).get("settings", {})
         for key, value in self.settings().items():
-            if saved.get("settings", {}).get(key) != value:
+            old = saved.get(key, saved.get(key.split(".")[-1], value))  # older checkpoints: short keys
+            if old != value:
                 raise RecipeError(
-                    f"{found} was made with {key}={saved.get('settings', {}).get(key)!r}, this run has {value!r}; "
-                    f"resume with the same recipe or delete {found}")
+                    f"{found} was made with {key}={old!r}, this run has {key}={value!r}; resume with the same "
+                    f"recipe, or start afresh in another --out")
         state = ckpt.load_checkpoint(found, self.module, self.optimizer, self.scheduler, self.env)
         self.last_loss = state.get("loss", math.nan)
         log.info("resumed from %s at step %d/%d", found, state["step"], self.cfg.steps)
