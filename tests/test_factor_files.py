@@ -184,3 +184,20 @@ def test_config_with_attention_factor_keeps_it(tmp_path):
     path.write_text(json.dumps(phi3_config(attention_factor=1.05)))
     loaded = load_factors(path, PHI3_LAYOUT)
     assert loaded.attention == 1.05 and loaded.attention_policy != "su" and loaded.target_length == 131072
+
+
+@pytest.mark.parametrize(("long_factor", "why"), [((1.0, 3.0, 2.0, 4.0), "decreases at pair 2"),
+                                                  ((0.5, 1.0, 2.0, 4.0), "< 1")])
+def test_factors_outside_the_papers_space_load_with_a_warning(long_factor, why, tmp_path, caplog):
+    path = FactorSet(long_factor=long_factor, target_length=1024).save(tmp_path / "odd.json", LAYOUT)
+    with caplog.at_level(logging.WARNING):
+        loaded = load_factors(path, LAYOUT)
+        load_factors(path, LAYOUT)  # once per file
+    assert loaded.long_factor == long_factor  # used as given: research files may do this on purpose
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and why in warnings[0] and "using it as given" in warnings[0]
+    caplog.clear()
+    fine = FactorSet(long_factor=(1.0, 2.0, 2.0, 4.0), target_length=1024).save(tmp_path / "fine.json", LAYOUT)
+    with caplog.at_level(logging.WARNING):
+        load_factors(fine, LAYOUT)
+    assert not caplog.records

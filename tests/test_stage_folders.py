@@ -97,3 +97,23 @@ def test_every_command_has_the_same_resume_and_progress_flags():
         assert {"--resume", "--no-resume", "--progress", "--no-progress", "--model", "--out", "--device"} <= opts, name
     run = cli.get_command(ctx, "run")
     assert {"--progress", "--no-progress"} <= {o for p in run.params for o in (*p.opts, *p.secondary_opts)}
+
+
+def test_a_stage_refused_before_open_writes_nothing_and_one_failing_after_logs_why(tmp_path):
+    from longrope_cli.errors import RecipeError
+    from longrope_cli.recipe import load_recipe
+    from longrope_cli.stages.folder import stage_folder
+
+    recipe = load_recipe(None, [])
+    with pytest.raises(RecipeError), stage_folder("search", recipe, tmp_path / "refused"):
+        logging.getLogger("longrope_cli.test").info("checking inputs")
+        raise RecipeError("bad input")
+    assert not (tmp_path / "refused").exists()
+    with pytest.raises(RecipeError), stage_folder("search", recipe, tmp_path / "failed") as folder:
+        logging.getLogger("longrope_cli.test").info("checking inputs")
+        folder.open()
+        raise RecipeError("the corpus ran out")
+    text = (tmp_path / "failed" / "log.txt").read_text()
+    assert "checking inputs" in text  # what was logged before the folder opened is kept
+    assert "search stopped: the corpus ran out" in text
+    assert {p.name for p in (tmp_path / "failed").iterdir()} == {"recipe.yaml", "env.json", "log.txt"}

@@ -94,20 +94,22 @@ class FactorSet:
             bad = [i for i, v in enumerate(values) if not math.isfinite(v) or v <= 0]
             if bad:
                 raise FactorFileError(f"{source}: {name}[{bad[0]}] = {values[bad[0]]} is not a finite positive number")
-            if paper_constraints:
-                if min(values) < 1.0:
-                    i = min(range(len(values)), key=values.__getitem__)
-                    raise FactorFileError(f"{source}: {name}[{i}] = {values[i]} < 1 (the paper requires lambda_i >= 1)")
-                drops = [i for i in range(1, len(values)) if values[i] < values[i - 1]]
-                if drops:
-                    i = drops[0]
-                    raise FactorFileError(
-                        f"{source}: {name} decreases at pair {i} ({values[i - 1]} -> {values[i]}); the paper "
-                        "requires lambda_i non-decreasing from high to low frequency")
+            if paper_constraints and (why := paper_violation(values, name)):
+                raise FactorFileError(f"{source}: {why}")
         if self.start_tokens < 0:
             raise FactorFileError(f"{source}: start_tokens (n-hat) must be >= 0, got {self.start_tokens}")
         if not math.isfinite(self.attention) or self.attention <= 0:
             raise FactorFileError(f"{source}: attention factor must be a positive number, got {self.attention}")
+        return self
+
+    def warn_outside_paper(self, source: str) -> FactorSet:
+        """Log (once per source) when the factors leave the paper's space: lambda_i >= 1, non-decreasing from high
+        to low frequency (section 3.2). They are used as given: a research file may do so on purpose."""
+        for name, values in (("long_factor", self.long_factor), ("short_factor", self.short_factor)):
+            why = paper_violation(values, name) if values is not None else None
+            if why and (source, name) not in _WARNED:
+                _WARNED.add((source, name))
+                log.warning("%s: %s; using it as given", source, why)
         return self
 
     # ------------------------------------------------------------------ file format
@@ -133,6 +135,22 @@ class FactorSet:
         self.check(layout, source=str(path))
         atomic_write_json(path, self.to_dict(layout))
         return Path(path)
+
+
+_WARNED: set[tuple[str, str]] = set()
+
+
+def paper_violation(values: tuple[float, ...], name: str = "lambda") -> str | None:
+    """Why `values` leave the paper's search space (lambda_i >= 1, non-decreasing), or None."""
+    if min(values) < 1.0:
+        i = min(range(len(values)), key=values.__getitem__)
+        return f"{name}[{i}] = {values[i]} < 1 (the paper requires lambda_i >= 1)"
+    drops = [i for i in range(1, len(values)) if values[i] < values[i - 1]]
+    if drops:
+        i = drops[0]
+        return (f"{name} decreases at pair {i} ({values[i - 1]} -> {values[i]}); the paper requires lambda_i "
+                "non-decreasing from high to low frequency")
+    return None
 
 
 def _as_floats(values: Any, key: str, source: str) -> tuple[float, ...]:
@@ -318,7 +336,7 @@ def load_factors(path: str | Path, layout: RopeLayout | None = None, target_leng
         factors, model = _from_mapping(data, source, layout)
     if layout is not None:
         _check_model(model, layout, source)
-        factors.check(layout, source=source)
+        factors.check(layout, source=source).warn_outside_paper(source)
     if target_length is not None and factors.target_length not in (None, target_length):
         raise FactorFileError(
             f"{source}: made for target {format_length(factors.target_length)}, this stage targets "
