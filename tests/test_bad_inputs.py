@@ -205,7 +205,7 @@ CASES = [
     Case("search-override-no-equals", lambda c: S(c, "search.population"), "search.population"),
     # ---- search: files and folders
     Case("search-model-missing", lambda c: [*S(c)[:2], c["tmp"] / "nope", *S(c)[3:]], "not found"),
-    Case("search-model-is-json", lambda c: [*S(c)[:2], c["x.json"], *S(c)[3:]], "x.json", file_at("x.json", "{}")),
+    Case("search-model-is-json", lambda c: [*S(c)[:2], c["x.json"], *S(c)[3:]], "is a file, not a model", file_at("x.json", "{}")),
     Case("search-model-no-config", lambda c: [*S(c)[:2], c["tmp"], *S(c)[3:]], "no config.json"),
     Case("search-model-corrupt-weights", lambda c: [*S(c)[:2], c["model_copy"], *S(c)[3:]], "cannot load model",
          model_copy("weights")),

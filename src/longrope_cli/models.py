@@ -69,6 +69,9 @@ def resolve_model(name: str) -> tuple[Path, str | None]:
         if len(ggufs) == 1:
             return path, ggufs[0].name
         raise ModelError(f"model directory {name!r} has no config.json; give a Hugging Face model directory")
+    if path.is_file():
+        raise ModelError(f"model {name!r} is a file, not a model: give a Hugging Face model directory (with "
+                         "config.json), a .gguf file, or 'testbed'")
     raise ModelError(
         f"model {name!r} not found; give a local Hugging Face directory, a .gguf file, or 'testbed' "
         "(models are never downloaded at run time)")
