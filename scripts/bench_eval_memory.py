@@ -5,8 +5,12 @@ Each (path, length) runs in a fresh subprocess so that the allocator's high-wate
 measurement alone. Reported: the growth of peak RSS (`ru_maxrss`) over the RSS measured just before the
 forward pass, i.e. what scoring one window costs on top of the loaded model.
 
-- chunked: `evaluate.perplexity.window_nll` -- decoder to hidden states (sdpa attention, no KV cache), then
-  the LM head and loss `model.loss_chunk` positions at a time: memory ~ L x hidden, never L x vocab.
+- layerwise: `longrope_cli.layerwise` (model.scoring=layerwise) -- per decoder layer, norms, projections, MLP
+  and residual adds over `model.loss_chunk` positions at a time, attention over the whole sequence one kv head
+  at a time; then the chunked loss: memory = the residual stream + one head's q/k/v + a few chunks.
+- chunked: `evaluate.perplexity.window_nll` with model.scoring=standard -- the model's own decoder forward
+  (sdpa attention, no KV cache, MLPs chunked), then the LM head and loss `model.loss_chunk` positions at a time:
+  memory ~ L x hidden x (a dozen), never L x vocab.
 - loss-chunked: the same with the decoder MLPs over the whole sequence at once (what longrope did before it
   ran them `model.loss_chunk` positions at a time, `seqchunk.chunked_mlps`).
 - full: `model(ids, labels=ids)` -- transformers materialises the whole L x vocab logits tensor (and the
@@ -34,7 +38,7 @@ import sys  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-PATHS = ("chunked", "loss-chunked", "full")
+PATHS = ("layerwise", "chunked", "loss-chunked", "full")
 MIB = 1024 * 1024
 
 
@@ -89,8 +93,9 @@ def child(path: str, length: int, model_name: str, vocab: int, chunk: int) -> di
     before = current_rss()
     started = time.perf_counter()
     with torch.no_grad():
-        if path in ("chunked", "loss-chunked"):
-            nll, count = window_nll(model, ids, chunk=chunk, mlp_chunk=0 if path == "loss-chunked" else None)
+        if path in ("layerwise", "chunked", "loss-chunked"):
+            nll, count = window_nll(model, ids, chunk=chunk, mlp_chunk=0 if path == "loss-chunked" else None,
+                                    scoring="layerwise" if path == "layerwise" else "standard")
             loss = nll / count
         else:
             loss = float(model(input_ids=ids, labels=ids, use_cache=False).loss)

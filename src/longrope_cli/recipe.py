@@ -41,6 +41,10 @@ class ModelConfig:
     attn_implementation: str = _field("sdpa", "sdpa keeps attention memory linear in length; eager needs L^2")
     original_length: int | None = _field(None, "override the model's original context window", "length")
     loss_chunk: int = _field(1024, "tokens per logits chunk: loss never materialises an L x vocab tensor")
+    scoring: Literal["auto", "layerwise", "standard"] = _field(
+        "auto", "scoring forward: layerwise (per-token work over chunks, attention one kv head at a time: weights + "
+                "a few L x hidden tensors), standard (the model's forward, MLPs chunked), auto (layerwise from 32k "
+                "tokens where the architecture allows)")
     trust_remote_code: bool = _field(False, "passed to transformers for models with custom code")
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -13,6 +14,8 @@ from tqdm.auto import tqdm
 from longrope_cli.losses import chunked_nll, decoder_of, shift_labels
 from longrope_cli.numbers import perplexity_from_nll
 from longrope_cli.seqchunk import chunked_mlps
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -29,17 +32,40 @@ class PerplexityResult:
         return math.isfinite(self.perplexity)
 
 
+SCORING_MODES = ("auto", "layerwise", "standard")
+LAYERWISE_FROM = 32 * 1024  # `auto` scores windows this long or longer layer by layer
+
+
+@torch.no_grad()
+def decoder_hidden(model: Any, input_ids: torch.Tensor, chunk: int = 1024, scoring: str = "auto",
+                   mlp_chunk: int | None = None) -> torch.Tensor:
+    """The decoder's last hidden states for scoring. `layerwise` (`longrope_cli.layerwise`: weights + a few
+    L x hidden tensors) or `standard` (the model's own forward with its MLPs over `chunk` positions at a time);
+    `auto`: layerwise from 32k tokens on where the architecture allows it."""
+    from longrope_cli import layerwise
+
+    length = input_ids.shape[-1]
+    if scoring == "layerwise" or (scoring == "auto" and length >= LAYERWISE_FROM):
+        why = layerwise.unsupported(model, length)
+        if why is None:
+            return layerwise.layerwise_hidden(model, input_ids, chunk=chunk)
+        if scoring == "layerwise":
+            log.warning("layer-by-layer scoring is not available for this model (%s): the standard forward", why)
+    with chunked_mlps(model, chunk if mlp_chunk is None else mlp_chunk):  # no L x intermediate tensor
+        return decoder_of(model)(input_ids=input_ids, use_cache=False).last_hidden_state
+
+
 @torch.no_grad()
 def window_nll(model: Any, input_ids: torch.Tensor, chunk: int = 1024,
-               labels: torch.Tensor | None = None, mlp_chunk: int | None = None) -> tuple[float, int]:
+               labels: torch.Tensor | None = None, mlp_chunk: int | None = None,
+               scoring: str = "auto") -> tuple[float, int]:
     """(sum of NLL, scored tokens) for a batch of windows (B, L); `labels` (already shifted, -100 = not scored)
     restrict the loss to some tokens, e.g. a needle's answer. The decoder MLPs run `mlp_chunk` positions at a
-    time (default: `chunk`; 0: whole sequence)."""
+    time (default: `chunk`; 0: whole sequence); `scoring` as in `decoder_hidden`."""
     device = next(model.parameters()).device
     input_ids = input_ids.to(device)
     labels = shift_labels(input_ids) if labels is None else labels.to(device)
-    with chunked_mlps(model, chunk if mlp_chunk is None else mlp_chunk):  # no L x intermediate tensor
-        hidden = decoder_of(model)(input_ids=input_ids, use_cache=False).last_hidden_state
+    hidden = decoder_hidden(model, input_ids, chunk, scoring, mlp_chunk)
     total, count = chunked_nll(model, hidden, labels, chunk=chunk)
     return float(total), int(count)
 
@@ -50,6 +76,7 @@ def score_perplexity(
     chunk: int = 1024,
     progress: bool = False,
     labels: torch.Tensor | None = None,
+    scoring: str = "auto",
 ) -> PerplexityResult:
     """Perplexity of `windows` (N, L) under the model as it is (install factors first).
 
@@ -64,7 +91,7 @@ def score_perplexity(
     rows = list(windows) if not isinstance(windows, torch.Tensor) else list(windows.unbind(0))
     for k, row in enumerate(tqdm(rows, desc="perplexity", leave=False, disable=not progress)):
         nll, count = window_nll(model, row.view(1, -1), chunk=chunk,
-                                labels=None if labels is None else labels[k].view(1, -1))
+                                labels=None if labels is None else labels[k].view(1, -1), scoring=scoring)
         if not math.isfinite(nll):
             return PerplexityResult(math.inf, math.inf, tokens + count, per_window + [math.inf])
         total += nll

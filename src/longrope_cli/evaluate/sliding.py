@@ -6,13 +6,14 @@ from typing import Any
 
 import torch
 
-from longrope_cli.losses import chunked_nll, decoder_of, shift_labels
+from longrope_cli.evaluate.perplexity import decoder_hidden
+from longrope_cli.losses import chunked_nll, shift_labels
 from longrope_cli.numbers import perplexity_from_nll
-from longrope_cli.seqchunk import chunked_mlps
 
 
 @torch.no_grad()
-def sliding_nll(model: Any, tokens: torch.Tensor, length: int, stride: int, chunk: int = 1024) -> tuple[float, int]:
+def sliding_nll(model: Any, tokens: torch.Tensor, length: int, stride: int, chunk: int = 1024,
+                scoring: str = "auto") -> tuple[float, int]:
     """(sum of NLL, scored tokens) of one token sequence read by windows of `length` moving by `stride`.
 
     Standard sliding-window perplexity: every window has `length` tokens (the last one is aligned to the
@@ -37,8 +38,7 @@ def sliding_nll(model: Any, tokens: torch.Tensor, length: int, stride: int, chun
         already = scored_until - start - 1
         if already > 0:
             labels[:, :already] = -100
-        with chunked_mlps(model, chunk):
-            hidden = decoder_of(model)(input_ids=ids, use_cache=False).last_hidden_state
+        hidden = decoder_hidden(model, ids, chunk, scoring)
         nll, scored = chunked_nll(model, hidden, labels, chunk=chunk)
         total += float(nll)
         count += int(scored)
@@ -47,13 +47,13 @@ def sliding_nll(model: Any, tokens: torch.Tensor, length: int, stride: int, chun
 
 
 def score_sliding(model: Any, spans: torch.Tensor, length: int, stride: int, chunk: int = 1024,
-                  progress: bool = False, desc: str = "perplexity") -> dict[str, Any]:
+                  progress: bool = False, desc: str = "perplexity", scoring: str = "auto") -> dict[str, Any]:
     """Token-weighted sliding-window perplexity of each row of `spans`."""
     from tqdm.auto import tqdm
 
     total, tokens, per_window = 0.0, 0, []
     for row in tqdm(list(spans.unbind(0)), desc=desc, leave=False, disable=not progress):
-        nll, count = sliding_nll(model, row, length, stride, chunk)
+        nll, count = sliding_nll(model, row, length, stride, chunk, scoring)
         total += nll
         tokens += count
         per_window.append(perplexity_from_nll(nll / max(count, 1)))

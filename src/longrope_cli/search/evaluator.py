@@ -91,8 +91,9 @@ class LocalEvaluator(Evaluator):
     """
 
     def __init__(self, model: Any, layout: RopeLayout, windows: torch.Tensor | Sequence[torch.Tensor],
-                 chunk: int = 1024, labels: torch.Tensor | None = None) -> None:
+                 chunk: int = 1024, labels: torch.Tensor | None = None, scoring: str = "auto") -> None:
         self.model = model
+        self.scoring = scoring  # evaluate.perplexity.decoder_hidden: auto, layerwise or standard
         self.layout = layout
         self.groups = _as_groups(windows)
         self.chunk = chunk
@@ -124,7 +125,7 @@ class LocalEvaluator(Evaluator):
 
     def _window(self, window: torch.Tensor, labels: torch.Tensor | None = None) -> PerplexityResult:
         """One window's perplexity with the installed factors (tests override it with a known function)."""
-        return score_perplexity(self.model, window, chunk=self.chunk, labels=labels)
+        return score_perplexity(self.model, window, chunk=self.chunk, labels=labels, scoring=self.scoring)
 
     def score(self, factors: FactorSet, stop_above: Limit = None) -> Fitness:
         started = time.perf_counter()

@@ -195,13 +195,14 @@ class EvalRun:
                 self.write_results(False)
 
     def _perplexity(self, rows: torch.Tensor, length: int, stride: int, desc: str) -> dict[str, Any]:
-        chunk = self.recipe.model.loss_chunk
+        chunk, scoring = self.recipe.model.loss_chunk, self.recipe.model.scoring
         if self.cfg.mode == "sliding":
-            scored = score_sliding(self.lm.model, rows, length, stride, chunk, self.progress, desc)
+            scored = score_sliding(self.lm.model, rows, length, stride, chunk, self.progress, desc, scoring)
         else:
             if self.progress:
                 log.info("perplexity %s (%d windows)", desc, rows.shape[0])
-            scored = dataclasses.asdict(self.scorer(self.lm.model, rows, chunk=chunk, progress=self.progress))
+            scored = dataclasses.asdict(self.scorer(self.lm.model, rows, chunk=chunk, progress=self.progress,
+                                                    scoring=scoring))
         return {"perplexity": json_number(scored["perplexity"]), "nll": json_number(scored["nll"]),
                 "tokens": scored["tokens"], "windows": int(rows.shape[0]),
                 "per_window": [json_number(p) for p in scored["per_window"]]}

@@ -144,7 +144,7 @@ def _readjust(recipe: Recipe, lm: LoadedModel, folder: StageFolder, *, resume: b
     problem = readjust_problem(recipe, layout, long_set, windows_digest(groups))
     refuse_overwrite(out_dir, "readjust", resume, STATE_FILE)
     folder.open()  # every check above: a refused readjust leaves OUT as it was
-    local = LocalEvaluator(lm.model, layout, groups, chunk=recipe.model.loss_chunk)
+    local = LocalEvaluator(lm.model, layout, groups, chunk=recipe.model.loss_chunk, scoring=recipe.model.scoring)
     factors_path = out_dir / FACTORS_FILE
     log.info("readjust: %s, short factors at %s, grid %s..%s, %d evaluations planned", layout.name,
              ", ".join(map(format_length, lengths)), problem.space.factor_min, problem.space.factor_max,
@@ -162,7 +162,7 @@ def _readjust(recipe: Recipe, lm: LoadedModel, folder: StageFolder, *, resume: b
 
     def per_length(factors: FactorSet) -> dict[str, float]:
         install_factors(lm.model, factors, layout)
-        return {format_length(n): scorer(lm.model, g, chunk=recipe.model.loss_chunk).perplexity
+        return {format_length(n): scorer(lm.model, g, chunk=recipe.model.loss_chunk, scoring=recipe.model.scoring).perplexity
                 for n, g in zip(lengths, groups, strict=True)}
 
     def finish(outcome: Outcome) -> SearchResult:

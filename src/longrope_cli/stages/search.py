@@ -205,17 +205,19 @@ def _search(recipe: Recipe, lm: LoadedModel, target: int, windows: SearchWindows
         log.info("search: %s already scales RoPE (%s, %s): searching relative to it", layout.name, layout.rope_type,
                  format_length(native.target_length))
     chunk = recipe.model.loss_chunk
-    local = LocalEvaluator(lm.model, layout, windows.fitness, chunk=chunk, labels=windows.labels)
+    scoring = recipe.model.scoring
+    local = LocalEvaluator(lm.model, layout, windows.fitness, chunk=chunk, labels=windows.labels, scoring=scoring)
     windows_id = windows_digest(windows.fitness)
     critical, critical_rows = pick_critical_dim(recipe, layout, target, windows_id, local, out_dir, distributed,
                                                 progressive=bool(cfg.base_factors) or native is not None)
     problem = search_problem(recipe, layout, target, windows_id, native, critical=critical)
     pools: dict[str, LocalEvaluator] = {}
     if fresh:
-        pools["fresh"] = LocalEvaluator(lm.model, layout, windows.fresh, chunk=chunk, labels=windows.fresh_labels)
+        pools["fresh"] = LocalEvaluator(lm.model, layout, windows.fresh, chunk=chunk, labels=windows.fresh_labels,
+                                        scoring=scoring)
     if cfg.attention_search:
         every, every_labels = windows.every()
-        pools["all"] = LocalEvaluator(lm.model, layout, every, chunk=chunk, labels=every_labels)
+        pools["all"] = LocalEvaluator(lm.model, layout, every, chunk=chunk, labels=every_labels, scoring=scoring)
     factors_path = out_dir / FACTORS_FILE
     log.info("search: %s, target %s (s = %.3g), %d x %s windows, grid %s..%s step %s, n-hat %s, %d evaluations "
              "planned", layout.name, format_length(target), layout.scale(target), len(windows.fitness),

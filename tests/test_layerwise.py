@@ -1,0 +1,87 @@
+"""The layer-by-layer scoring forward equals the model's own, on every architecture family it serves, with
+LongRoPE factors (n-hat included) installed; other models are refused with a reason."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from longrope_cli.layerwise import layerwise_hidden, unsupported
+from longrope_cli.losses import decoder_of
+from longrope_cli.rope.factors import FactorSet
+from longrope_cli.rope.layout import layout_from_config
+from longrope_cli.rope.rotary import install_factors
+
+
+def tiny(kind: str):
+    from transformers import (
+        LlamaConfig,
+        LlamaForCausalLM,
+        MistralConfig,
+        MistralForCausalLM,
+        Phi3Config,
+        Phi3ForCausalLM,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+    )
+
+    common = dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                  max_position_embeddings=64, attn_implementation="sdpa")
+    torch.manual_seed(0)
+    if kind == "llama":
+        return LlamaForCausalLM(LlamaConfig(**common, num_key_value_heads=4))
+    if kind == "llama-gqa":
+        return LlamaForCausalLM(LlamaConfig(**common, num_key_value_heads=2))
+    if kind == "qwen2":  # q/k/v biases, GQA
+        return Qwen2ForCausalLM(Qwen2Config(**common, num_key_value_heads=2, use_sliding_window=False))
+    if kind == "mistral":
+        return MistralForCausalLM(MistralConfig(**common, num_key_value_heads=2, sliding_window=None))
+    if kind == "phi3":  # fused qkv_proj and gate_up_proj
+        return Phi3ForCausalLM(Phi3Config(**common, num_key_value_heads=4, pad_token_id=0))
+    if kind == "phi3-partial":
+        return Phi3ForCausalLM(Phi3Config(**common, num_key_value_heads=2, pad_token_id=0, partial_rotary_factor=0.5))
+    raise ValueError(kind)
+
+
+@pytest.mark.parametrize("kind", ["llama", "llama-gqa", "qwen2", "mistral", "phi3", "phi3-partial"])
+@pytest.mark.parametrize("kv_group", [1, 2])
+def test_layerwise_equals_the_models_forward_with_factors_installed(kind, kv_group):
+    model = tiny(kind).eval()
+    layout = layout_from_config(model.config)
+    lam = tuple(1.0 + 3.0 * i / max(1, layout.pairs - 1) for i in range(layout.pairs))
+    install_factors(model, FactorSet(long_factor=lam, start_tokens=4, attention=1.2, target_length=256), layout)
+    ids = torch.randint(3, 96, (2, 200))
+    assert unsupported(model, ids.shape[1]) is None
+    with torch.no_grad():
+        reference = decoder_of(model)(input_ids=ids, use_cache=False).last_hidden_state
+        ours = layerwise_hidden(model, ids, chunk=48, kv_group=kv_group)
+    torch.testing.assert_close(ours, reference, rtol=1e-4, atol=1e-5)
+
+
+def test_a_sliding_window_shorter_than_the_sequence_keeps_the_standard_forward():
+    from transformers import MistralConfig, MistralForCausalLM
+
+    model = MistralForCausalLM(MistralConfig(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=1,
+                                             num_attention_heads=4, num_key_value_heads=2, sliding_window=32))
+    assert "sliding window" in unsupported(model, 200)
+    assert unsupported(model, 32) is None
+
+
+def test_scoring_auto_goes_layerwise_for_long_windows_and_every_mode_gives_the_same_loss(monkeypatch):
+    from longrope_cli import layerwise
+    from longrope_cli.evaluate import perplexity
+
+    model = tiny("llama-gqa").eval()
+    ids = torch.randint(3, 96, (1, 160))
+    used = []
+    real = layerwise.layerwise_hidden
+    monkeypatch.setattr(layerwise, "layerwise_hidden", lambda *a, **k: used.append(1) or real(*a, **k))
+    standard = perplexity.window_nll(model, ids, chunk=32, scoring="standard")
+    forced = perplexity.window_nll(model, ids, chunk=32, scoring="layerwise")
+    assert used == [1]
+    perplexity.window_nll(model, ids, chunk=32, scoring="auto")
+    assert used == [1]  # 160 tokens: below LAYERWISE_FROM, the standard forward
+    monkeypatch.setattr(perplexity, "LAYERWISE_FROM", 128)
+    auto = perplexity.window_nll(model, ids, chunk=32, scoring="auto")
+    assert used == [1, 1]
+    assert standard[1] == forced[1] == auto[1] and forced[0] == pytest.approx(standard[0], rel=1e-5)
