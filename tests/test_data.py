@@ -109,3 +109,15 @@ def test_split_windows_cover_the_same_text_at_every_length():
         assert torch.equal(windows[:, 1:].reshape(-1), spans[:, 1:].reshape(-1))  # same tokens, same order
     with pytest.raises(DataError):
         split_windows(spans, 200, bos)
+
+
+def test_a_text_found_twice_lands_in_one_split(tmp_path):
+    """The split is drawn from the content: a corpus with duplicates never lets the search score what eval reports."""
+    path = tmp_path / "docs.jsonl"
+    path.write_text("".join(json.dumps({"text": f"story {i % 40}"}) + "\n" for i in range(200)), encoding="utf-8")
+    corpus = load_corpus(str(path), search_fraction=0.3, eval_fraction=0.3)
+    where: dict[str, set[str]] = {}
+    for split in ("train", "search", "eval"):
+        for doc in corpus.splits.get(split, []):
+            where.setdefault(doc.text, set()).add(split)
+    assert len(where) == 40 and all(len(splits) == 1 for splits in where.values()), where

@@ -29,7 +29,7 @@ GOLDEN = {
     "evaluations": 8 + 3 * 6,  # conftest.SMALL_SEARCH with 3 generations (the attention search is not counted)
     "stopped": "iterations",
     "seed_perplexity": {"pi": 56.073376947914575, "ntk": 48.80216235205507, "yarn": 47.401881775699614},
-    "perplexity": 47.3134646985472,  # YaRN's 47.4019 beaten
+    "fitness_perplexity": 47.3134646985472,  # the evolution's best; YaRN's 47.4019 beaten
     "long_factor": [1.0, 1.04, 1.08, 1.13, 1.18, 1.24, 1.26, 1.37, 1.47, 1.53, 1.62, 1.73, 1.86, 1.92, 1.92, 1.92,
                     1.92, 1.92, 1.92, 1.92, 1.92, 1.92, 1.92, 1.93, 1.93, 1.93, 1.98, 1.99, 1.99, 1.99, 1.99, 1.99],
     "start_tokens": 0,
@@ -60,29 +60,34 @@ def test_golden_seeded_search_on_the_test_bed(tmp_path):
     got = {
         "evaluations": prov["evaluations"],
         "stopped": prov["stopped"],
+        "fitness_perplexity": prov["fitness_perplexity"],
         "perplexity": prov["perplexity"],
         "attention_search_perplexity": prov["attention_search"]["perplexity"],
+        "refine_evaluations": prov["refine_evaluations"],
         "attention": factors["attention"]["factor"],
         "start_tokens": factors["start_tokens"],
         "long_factor": factors["long_factor"],
         "seed_perplexity": prov["seed_perplexity"],
     }
     message = f"the golden search moved; if that is intended, update GOLDEN to:\n{json.dumps(got, indent=1)}"
-    # the CLI reports what factors.json holds
-    line = re.search(r"best perplexity ([\d.]+) after (\d+) evaluations \((\w+)\)", done.stdout)
+    # the CLI reports what factors.json holds: the handed-on factors' score, with the tuned temperature
+    line = re.search(r"best perplexity ([\d.]+) after (\d+) evaluations \(\+(\d+) refining\) \((\w+)\)",
+                     done.stdout)
     assert line, done.stdout
     assert float(line.group(1)) == pytest.approx(got["perplexity"], abs=5e-5)
-    assert (int(line.group(2)), line.group(3)) == (got["evaluations"], got["stopped"])
+    assert (int(line.group(2)), int(line.group(3)), line.group(4)) == (got["evaluations"], got["refine_evaluations"],
+                                                                       got["stopped"])
+    assert got["perplexity"] == got["attention_search_perplexity"] and got["refine_evaluations"] == 4
     # the scorer alone, before any evolution
     assert got["seed_perplexity"] == pytest.approx(GOLDEN["seed_perplexity"], rel=REL), message
     assert (got["evaluations"], got["stopped"]) == (GOLDEN["evaluations"], GOLDEN["stopped"]), message
     assert got["long_factor"] == GOLDEN["long_factor"], message  # grid values: exact
     assert got["start_tokens"] == GOLDEN["start_tokens"], message
-    assert got["perplexity"] == pytest.approx(GOLDEN["perplexity"], rel=REL), message
+    assert got["fitness_perplexity"] == pytest.approx(GOLDEN["fitness_perplexity"], rel=REL), message
     assert got["attention"] == pytest.approx(GOLDEN["attention"], rel=REL), message
     assert got["attention_search_perplexity"] == pytest.approx(GOLDEN["attention_search_perplexity"], rel=REL), \
         message
     # the search is the best it scored: no logged candidate beats the reported one
     log = [json.loads(row) for row in (tmp_path / "golden" / "candidates.jsonl").read_text().splitlines()]
     assert len(log) == got["evaluations"]
-    assert min(float(r["perplexity"]) for r in log) == pytest.approx(got["perplexity"], rel=1e-12)
+    assert min(float(r["perplexity"]) for r in log) == pytest.approx(got["fitness_perplexity"], rel=1e-12)

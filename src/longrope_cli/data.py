@@ -149,8 +149,16 @@ def _split_by_folder(path: Path) -> bool:
                for f in _corpus_files(path))
 
 
-def _hash_split(doc_id: str, search_fraction: float, eval_fraction: float) -> str:
-    u = int(hashlib.sha1(doc_id.encode()).hexdigest()[:12], 16) / 16**12
+def _content_key(doc: Document) -> bytes:
+    """What a document's split is drawn from: its content, so that a text found twice in a corpus lands in one
+    split (a search never scores what eval reports on)."""
+    if doc.tokens is not None:
+        return np.ascontiguousarray(doc.tokens).tobytes()
+    return (doc.text or "").encode()
+
+
+def _hash_split(key: bytes, search_fraction: float, eval_fraction: float) -> str:
+    u = int(hashlib.sha1(key).hexdigest()[:12], 16) / 16**12
     if u < eval_fraction:
         return "eval"
     if u < eval_fraction + search_fraction:
@@ -200,7 +208,7 @@ def load_corpus(source: str = "testbed", text_field: str = "text", search_fracti
         else:
             docs = list(_read_file(path, text_field, path.name))
         for doc in docs:
-            corpus.splits[_hash_split(doc.id, search_fraction, eval_fraction)].append(doc)
+            corpus.splits[_hash_split(_content_key(doc), search_fraction, eval_fraction)].append(doc)
     if not any(corpus.splits.values()):
         raise DataError(f"corpus {source!r} contains no documents; check the path and file types")
     return corpus

@@ -40,5 +40,6 @@ def search(args: tuple[str, ...], model: str | None, out: str | None, device: st
     out_dir = open_stage_dir(recipe, "search", recipe.search.target)
     result = run_search(recipe, out_dir, resume=recipe.output.resume, progress=progress and is_main_process())
     if is_main_process():
-        click.echo(f"best perplexity {result.best_perplexity:.4f} after {result.evaluations} evaluations "
-                   f"({result.stopped}); factors: {result.factors_path}")
+        refined = result.summary.get("refine_evaluations", 0)
+        click.echo(f"best perplexity {result.best_perplexity:.4f} after {result.evaluations} evaluations"
+                   f"{f' (+{refined} refining)' if refined else ''} ({result.stopped}); factors: {result.factors_path}")

@@ -250,11 +250,17 @@ def _search(recipe: Recipe, lm: LoadedModel, target: int, windows: SearchWindows
         best = best_factors(chosen, state.cache[chosen], state, status="complete", stopped=state.stopped,
                             seed_perplexity=seeds, counters=state.counters,
                             search=recipe_to_dict(recipe.search), **extra)
-        if "attention_search" in extra:
+        if "attention_search" in extra:  # the handed-on factors carry the tuned temperature, and its score
             best = replace(best, attention=extra["attention_search"]["attention"], attention_policy="searched")
+            perplexity = extra["attention_search"]["perplexity"]
+        refined = (len(extra.get("validation", {}).get("candidates", []))
+                   + len(extra.get("attention_search", {}).get("trace", [])))
+        # perplexity: the handed-on factors on the windows the last step scored; fitness_perplexity: the evolution's
+        best = best.with_provenance(perplexity=perplexity, fitness_perplexity=state.cache[chosen].value,
+                                    refine_evaluations=refined)
         best.save(factors_path, layout)
         done = folder.complete(factors_path, perplexity=perplexity, evaluations=state.evaluations,
-                               stopped=state.stopped, seconds=round(state.elapsed, 2))
+                               refine_evaluations=refined, stopped=state.stopped, seconds=round(state.elapsed, 2))
         return SearchResult(stage=done.stage, out=done.out, artifact=done.artifact, summary=done.summary,
                             best=best, best_perplexity=perplexity, evaluations=state.evaluations,
                             factors_path=factors_path, history=state.history, stopped=state.stopped,
