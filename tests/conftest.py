@@ -176,3 +176,18 @@ def testbed_available() -> bool:
 
 
 requires_testbed = pytest.mark.skipif(not testbed_available(), reason="bundled test-bed model not built yet")
+
+
+@pytest.fixture
+def restore_logging():
+    """Put the root logger back as it was: CLI commands in process attach console and file handlers to it."""
+    import logging
+
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    for handler in root.handlers:
+        if handler not in handlers:
+            handler.close()
+    root.handlers[:] = handlers
+    root.setLevel(level)
