@@ -281,3 +281,27 @@ def test_context_parallel_shards_are_not_read_as_packed_sequences(tiny_model_dir
         hidden = lm.model.model(input_ids=ids, position_ids=positions, use_cache=False).last_hidden_state
         packed, _ = trainer.chunked_nll(lm.model, hidden, labels, chunk=16)
     assert not torch.allclose(nll, packed)  # without the guard the second chunk would not see the first
+
+
+def test_a_metrics_line_torn_by_a_kill_is_dropped_on_resume(tmp_path):
+    from types import SimpleNamespace
+
+    run = object.__new__(trainer.Finetune)
+    run.out, run.env = tmp_path, SimpleNamespace(is_main=True)
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.9}\n{"step": 3, "lo',
+                                            encoding="utf-8")
+    path = run._metrics_file(2)
+    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2]
+
+
+def test_a_stage_folder_drops_the_temporary_files_of_interrupted_writes(tmp_path):
+    from longrope_cli.recipe import load_recipe
+    from longrope_cli.stages.folder import stage_folder
+
+    (tmp_path / "cells").mkdir()
+    for name in (".complete.json.1a607a1135a9.tmp", "cells/.perplexity__none__64.json.0123456789ab.tmp"):
+        (tmp_path / name).write_text("{", encoding="utf-8")
+    (tmp_path / "notes.tmp").write_text("mine", encoding="utf-8")  # not an atomic write's: kept
+    with stage_folder("eval", load_recipe(None, []), tmp_path) as folder:
+        folder.open()
+    assert sorted(p.name for p in tmp_path.rglob("*.tmp")) == ["notes.tmp"]

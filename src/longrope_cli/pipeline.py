@@ -33,7 +33,7 @@ from longrope_cli.errors import RecipeError
 from longrope_cli.outputs import COMPLETE_MARKER, atomic_write_json, is_complete
 from longrope_cli.recipe import Recipe, build_recipe, parse_override, read_recipe_file
 from longrope_cli.stages import STAGES
-from longrope_cli.stages.folder import StageResult
+from longrope_cli.stages.folder import StageResult, clean_partial_writes
 
 log = logging.getLogger(__name__)
 
@@ -218,6 +218,7 @@ def run_pipeline(recipe_path: str | Path, overrides: Sequence[str] = (), *, out_
         >>> run_pipeline("recipes/tiny.yaml", ["finetune.steps=10"])  # doctest: +SKIP
     """
     root, plan = plan_pipeline(recipe_path, overrides, out_root=out_root)
+    clean_partial_writes(root)  # a kill's temporary files, in finished stage folders too
     outcomes: list[Outcome] = []
     for stage in plan:
         if stage.status == "complete":

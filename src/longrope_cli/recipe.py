@@ -121,6 +121,9 @@ class FinetuneConfig:
     grad_clip: float = _field(1.0, "max gradient norm; 0 disables")
     precision: Literal["auto", "fp32", "bf16"] = _field("auto", "auto = bf16 on GPU, fp32 on CPU")
     activation_checkpointing: bool = _field(True, "recompute layer activations in backward (memory for time)")
+    mlp_chunk: int | None = _field(None, "positions per MLP slice, each recomputed on its own in backward (the "
+                                         "largest activation at long lengths); 0 = whole sequence; null = "
+                                         "model.loss_chunk from 32k tokens on, else 0")
     activation_offload: bool = _field(False, "keep the checkpointed layer inputs in CPU memory (frees layers x "
                                              "length x hidden x 2 bytes per GPU; transformers >= 5.24)")
     save_every: int = _field(50, "checkpoint every N steps (0: only on SIGTERM)")
@@ -241,7 +244,7 @@ RANGES: dict[str, tuple[Any, str]] = {
     "finetune.steps": _at_least(1), "finetune.lr": _above(0), "finetune.warmup_steps": _at_least(0),
     "finetune.batch_size": _at_least(1), "finetune.micro_batch_size": _at_least(1),
     "finetune.short_batch_size": _at_least(0), "finetune.weight_decay": _at_least(0),
-    "finetune.grad_clip": _at_least(0), "finetune.save_every": _at_least(0),
+    "finetune.grad_clip": _at_least(0), "finetune.save_every": _at_least(0), "finetune.mlp_chunk": _at_least(0),
     "readjust.factor_max": _above(0), "readjust.factor_min": _above(0), "readjust.factor_step": _above(0),
     "readjust.mutation_prob": _FRACTION, "readjust.population": _at_least(2), "readjust.iterations": _at_least(0),
     "readjust.documents": _at_least(1), "readjust.max_evals": _at_least(1), "readjust.max_minutes": _above(0),

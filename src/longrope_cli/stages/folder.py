@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import logging.handlers
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -69,6 +70,7 @@ class StageFolder:
         if self.main and not self.opened:
             check_writable(self.out)
             check_own_files(self.out)
+            clean_partial_writes(self.out)
             prepare_run_dir(self.out, self.stage, recipe_to_dict(self.recipe))
             (self.out / COMPLETE_MARKER).unlink(missing_ok=True)
             root = logging.getLogger()
@@ -106,6 +108,15 @@ def check_writable(out: str | Path) -> None:
 
 
 RECIPE_HEADER = "# resolved recipe of `longrope"
+PARTIAL_WRITE = re.compile(r"^\..+\.[0-9a-f]{12}\.tmp$")  # outputs.atomic_write_text's temporary files
+
+
+def clean_partial_writes(out: Path) -> None:
+    """Remove the temporary files of atomic writes that a kill interrupted, anywhere in OUT (never read)."""
+    if out.is_dir():
+        for path in out.rglob(".*.tmp"):
+            if PARTIAL_WRITE.match(path.name) and path.is_file():
+                path.unlink(missing_ok=True)
 
 
 def check_own_files(out: Path) -> None:

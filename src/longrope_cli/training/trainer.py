@@ -36,6 +36,7 @@ from longrope_cli.outputs import atomic_write_text
 from longrope_cli.recipe import Recipe
 from longrope_cli.rope.factors import FactorSet, load_factors
 from longrope_cli.rope.rotary import install_factors
+from longrope_cli.seqchunk import chunk_mlps
 from longrope_cli.training import checkpoint as ckpt
 from longrope_cli.training.data import WindowIndex, WindowOrder
 from longrope_cli.training.distributed import (
@@ -47,6 +48,7 @@ from longrope_cli.training.distributed import (
 
 log = logging.getLogger(__name__)
 
+MLP_CHUNK_FROM = 32 * 1024  # finetune.mlp_chunk null: chunk the MLPs from this training length on
 STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGUSR1") if hasattr(signal, name))
 
 
@@ -60,10 +62,12 @@ class ChunkedCausalLM(nn.Module):
     """The model and its chunked loss as one module, so DDP / FSDP see the whole forward (the LM head
     weight that the loss uses directly is gathered like every other root parameter)."""
 
-    def __init__(self, model: nn.Module, chunk: int) -> None:
+    def __init__(self, model: nn.Module, chunk: int, mlp_chunk: int = 0) -> None:
         super().__init__()
         self.model = model
         self.chunk = chunk
+        self.mlp_chunk = mlp_chunk  # > 0: the MLPs run (and are recomputed) that many positions at a time
+        chunk_mlps(model, mlp_chunk, recompute=True)  # for the training run: backward's recomputation needs it
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor,
                 position_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -210,7 +214,9 @@ class Finetune:
         if cfg.activation_checkpointing or cfg.activation_offload:
             enable_checkpointing(model, offload=cfg.activation_offload)
         torch.manual_seed(cfg.seed)
-        self.module = wrap_for_training(ChunkedCausalLM(model, recipe.model.loss_chunk), model, env,
+        mlp_chunk = cfg.mlp_chunk if cfg.mlp_chunk is not None else (
+            recipe.model.loss_chunk if self.target >= MLP_CHUNK_FROM else 0)
+        self.module = wrap_for_training(ChunkedCausalLM(model, recipe.model.loss_chunk, mlp_chunk), model, env,
                                         fsdp=recipe.parallel.fsdp, bf16=self.bf16)
         self.autocast = self.bf16 and not (env.distributed and recipe.parallel.fsdp)
         self.optimizer = torch.optim.AdamW(self.module.parameters(), lr=cfg.lr, betas=(0.9, 0.95),
@@ -311,7 +317,14 @@ class Finetune:
         path = self.out / "metrics.jsonl"
         if self.env.is_main:
             lines = path.read_text(encoding="utf-8").splitlines() if path.is_file() and start else []
-            kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= start]
+            kept = []
+            for line in lines:
+                try:
+                    record = json.loads(line)
+                except ValueError:  # a line a kill tore in half: that step is redone
+                    continue
+                if isinstance(record, dict) and record.get("step", 0) <= start:
+                    kept.append(line)
             atomic_write_text(path, "".join(line + "\n" for line in kept))
         return path
 
