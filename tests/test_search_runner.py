@@ -19,13 +19,13 @@ import torch
 
 from conftest import small_search
 from longrope_cli.errors import RecipeError
+from longrope_cli.evaluate.perplexity import score_perplexity
 from longrope_cli.models import load_model
 from longrope_cli.outputs import is_complete
 from longrope_cli.recipe import load_recipe
 from longrope_cli.rope.baselines import pi_factors, yarn_relative_factors
 from longrope_cli.rope.factors import load_factors
 from longrope_cli.rope.rotary import installed_factors
-from longrope_cli.search import evaluator as evaluator_module
 from longrope_cli.search import state as state_module
 from longrope_cli.stages.search import run_search
 
@@ -52,22 +52,25 @@ def keys(records: list[dict]) -> list[tuple]:
     return [(tuple(r["idx"]), r["start_tokens"]) for r in records]
 
 
+class CountingScorer(list):
+    """A perplexity scorer (pass it as run_search's `scorer`) that records every factor set it really scores:
+    one entry per candidate (its windows are scored in a row with the same installed factor set)."""
+
+    def __call__(self, model, window, **kwargs):
+        factors = installed_factors(model)
+        if not self or self[-1] is not factors:
+            self.append(factors)
+        return score_perplexity(model, window, **kwargs)
+
+
 @pytest.fixture
-def count_scores(monkeypatch):
-    """Record every factor set the evaluator really scores."""
-    scored = []
-    original = evaluator_module.LocalEvaluator.score
-
-    def spy(self, factors, stop_above=None):
-        scored.append(factors)
-        return original(self, factors, stop_above)
-
-    monkeypatch.setattr(evaluator_module.LocalEvaluator, "score", spy)
-    return scored
+def count_scores():
+    return CountingScorer()
 
 
 def test_small_search_end_to_end(lm, tiny_model_dir, tiny_corpus, tmp_path, count_scores):
-    result = run_search(recipe_for(tiny_model_dir, tiny_corpus), tmp_path, lm=lm, progress=False)
+    result = run_search(recipe_for(tiny_model_dir, tiny_corpus), tmp_path, lm=lm, progress=False,
+                        scorer=count_scores)
     assert result.factors_path == tmp_path / "factors.json"
     loaded = load_factors(result.factors_path, lm.layout, target_length=TARGET)
     assert len(loaded.long_factor) == lm.layout.pairs == 16
@@ -92,7 +95,7 @@ def test_a_candidate_is_never_scored_twice(lm, tiny_model_dir, tiny_corpus, tmp_
     # A small grid (step 0.5: 9 levels, n-hat fixed) forces the evolution to meet old candidates again.
     recipe = recipe_for(tiny_model_dir, tiny_corpus, "search.factor_step=0.5", "search.start_tokens=0",
                         "search.iterations=6")
-    first = run_search(recipe, tmp_path, lm=lm, progress=False)
+    first = run_search(recipe, tmp_path, lm=lm, progress=False, scorer=count_scores)
     scored = [(fs.long_factor, fs.start_tokens) for fs in count_scores]
     assert len(scored) == len(set(scored)) == first.evaluations
     assert first.counters["requested"] >= first.evaluations
@@ -101,7 +104,7 @@ def test_a_candidate_is_never_scored_twice(lm, tiny_model_dir, tiny_corpus, tmp_
     more = load_recipe(None, [f"model.name={tiny_model_dir}", "model.device=cpu", f"data.corpus={tiny_corpus}",
                               f"search.target={TARGET}", *SMALL, "search.factor_step=0.5", "search.start_tokens=0",
                               "search.iterations=9"])
-    second = run_search(more, tmp_path, lm=lm, resume=True, progress=False)
+    second = run_search(more, tmp_path, lm=lm, resume=True, progress=False, scorer=count_scores)
     scored = [(fs.long_factor, fs.start_tokens) for fs in count_scores]
     assert len(scored) == len(set(scored)) == second.evaluations
     assert len(set(keys(read_log(tmp_path)))) == len(read_log(tmp_path)) == second.evaluations
@@ -224,13 +227,14 @@ def test_resume_recovers_scores_logged_after_the_last_checkpoint(lm, tiny_model_
 
     monkeypatch.setattr(engine_module, "save_state", crash_on_third_checkpoint)
     with pytest.raises(KeyboardInterrupt):
-        run_search(recipe_for(tiny_model_dir, tiny_corpus), tmp_path / "run", lm=lm, progress=False)
+        run_search(recipe_for(tiny_model_dir, tiny_corpus), tmp_path / "run", lm=lm, progress=False,
+                   scorer=count_scores)
     monkeypatch.setattr(engine_module, "save_state", real_save)
     scored_before = len(count_scores)
     with open(tmp_path / "run" / "candidates.jsonl", "a") as handle:
         handle.write('{"n": 99, "idx": [1, 2')  # torn write
     resumed = run_search(recipe_for(tiny_model_dir, tiny_corpus), tmp_path / "run", lm=lm, resume=True,
-                         progress=False)
+                         progress=False, scorer=count_scores)
     assert resumed.best.long_factor == reference.best.long_factor
     assert resumed.best.start_tokens == reference.best.start_tokens
     assert resumed.evaluations == reference.evaluations

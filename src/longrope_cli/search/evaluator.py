@@ -91,8 +91,10 @@ class LocalEvaluator(Evaluator):
     """
 
     def __init__(self, model: Any, layout: RopeLayout, windows: torch.Tensor | Sequence[torch.Tensor],
-                 chunk: int = 1024, labels: torch.Tensor | None = None, scoring: str = "auto") -> None:
+                 chunk: int = 1024, labels: torch.Tensor | None = None, scoring: str = "auto",
+                 scorer: Any = score_perplexity) -> None:
         self.model = model
+        self.scorer = scorer  # evaluate.perplexity.score_perplexity, or a caller's wrapper of it
         self.scoring = scoring  # evaluate.perplexity.decoder_hidden: auto, layerwise or standard
         self.layout = layout
         self.groups = _as_groups(windows)
@@ -124,8 +126,8 @@ class LocalEvaluator(Evaluator):
         return perplexity_from_nll(nll / tokens), per_window, True
 
     def _window(self, window: torch.Tensor, labels: torch.Tensor | None = None) -> PerplexityResult:
-        """One window's perplexity with the installed factors (tests override it with a known function)."""
-        return score_perplexity(self.model, window, chunk=self.chunk, labels=labels, scoring=self.scoring)
+        """One window's perplexity with the installed factors."""
+        return self.scorer(self.model, window, chunk=self.chunk, labels=labels, scoring=self.scoring)
 
     def score(self, factors: FactorSet, stop_above: Limit = None) -> Fitness:
         started = time.perf_counter()

@@ -24,6 +24,7 @@ import torch
 
 from longrope_cli.data import load_windows
 from longrope_cli.errors import RecipeError
+from longrope_cli.evaluate.perplexity import score_perplexity
 from longrope_cli.lengths import format_length
 from longrope_cli.models import LoadedModel, load_recipe_model
 from longrope_cli.recipe import Recipe, recipe_to_dict, require_target
@@ -159,8 +160,10 @@ def pick_critical_dim(recipe: Recipe, layout: Any, target: int, windows_id: str,
 
 
 def run_search(recipe: Recipe, out_dir: Path, *, resume: bool = False, lm: LoadedModel | None = None,
-               windows: torch.Tensor | None = None, progress: bool = True) -> SearchResult:
+               windows: torch.Tensor | None = None, progress: bool = True,
+               scorer: Callable[..., Any] = score_perplexity) -> SearchResult:
     """Search LongRoPE factors for `recipe.search.target`; write `out_dir/factors.json` (+ log and state).
+    `scorer`: one window's perplexity (`evaluate.perplexity.score_perplexity`; a wrapper may count or fail).
 
     Example:
         >>> result = run_search(load_recipe(None, ["search.target=2k", "search.max_evals=40"]), Path("runs/s"))  # doctest: +SKIP
@@ -189,7 +192,7 @@ def run_search(recipe: Recipe, out_dir: Path, *, resume: bool = False, lm: Loade
         folder.open()  # every check above: a refused command leaves OUT as it was
         started = time.monotonic()
         result = _search(recipe, lm, target, chosen, native, folder, resume=resume, progress=progress,
-                         distributed=distributed, ranks=ranks)
+                         distributed=distributed, ranks=ranks, scorer=scorer)
         if is_main_process():
             log.info("search finished in %.1f s: perplexity %.4f at %s, factors in %s", time.monotonic() - started,
                      result.best_perplexity, format_length(target), result.factors_path)
@@ -197,7 +200,8 @@ def run_search(recipe: Recipe, out_dir: Path, *, resume: bool = False, lm: Loade
 
 
 def _search(recipe: Recipe, lm: LoadedModel, target: int, windows: SearchWindows, native: FactorSet | None,
-            folder: StageFolder, *, resume: bool, progress: bool, distributed: bool, ranks: int) -> SearchResult:
+            folder: StageFolder, *, resume: bool, progress: bool, distributed: bool, ranks: int,
+            scorer: Callable[..., Any]) -> SearchResult:
     cfg, layout, out_dir = recipe.search, lm.layout, folder.out
     settings = settings_from_search(recipe)
     fresh = len(windows.fresh)
@@ -206,7 +210,8 @@ def _search(recipe: Recipe, lm: LoadedModel, target: int, windows: SearchWindows
                  format_length(native.target_length))
     chunk = recipe.model.loss_chunk
     scoring = recipe.model.scoring
-    local = LocalEvaluator(lm.model, layout, windows.fitness, chunk=chunk, labels=windows.labels, scoring=scoring)
+    local = LocalEvaluator(lm.model, layout, windows.fitness, chunk=chunk, labels=windows.labels, scoring=scoring,
+                           scorer=scorer)
     windows_id = windows_digest(windows.fitness)
     critical, critical_rows = pick_critical_dim(recipe, layout, target, windows_id, local, out_dir, distributed,
                                                 progressive=bool(cfg.base_factors) or native is not None)
@@ -214,10 +219,11 @@ def _search(recipe: Recipe, lm: LoadedModel, target: int, windows: SearchWindows
     pools: dict[str, LocalEvaluator] = {}
     if fresh:
         pools["fresh"] = LocalEvaluator(lm.model, layout, windows.fresh, chunk=chunk, labels=windows.fresh_labels,
-                                        scoring=scoring)
+                                        scoring=scoring, scorer=scorer)
     if cfg.attention_search:
         every, every_labels = windows.every()
-        pools["all"] = LocalEvaluator(lm.model, layout, every, chunk=chunk, labels=every_labels, scoring=scoring)
+        pools["all"] = LocalEvaluator(lm.model, layout, every, chunk=chunk, labels=every_labels, scoring=scoring,
+                                      scorer=scorer)
     factors_path = out_dir / FACTORS_FILE
     log.info("search: %s, target %s (s = %.3g), %d x %s windows, grid %s..%s step %s, n-hat %s, %d evaluations "
              "planned", layout.name, format_length(target), layout.scale(target), len(windows.fitness),
