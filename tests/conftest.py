@@ -22,6 +22,23 @@ SPLIT_SEEDS = {"train": 1, "search": 2, "eval": 3}
 SMALL_SEARCH = {"population": 8, "survivors": 4, "mutations": 3, "crossovers": 3, "documents": 2}
 
 
+def tiny_pipeline_recipe(model, corpus) -> dict:
+    """A search -> readjust -> eval -> export recipe on the tiny model: every stage a few seconds."""
+    return {
+        "model": {"name": str(model), "device": "cpu"},
+        "data": {"corpus": str(corpus)},
+        "search": {**SMALL_SEARCH, "iterations": 1, "attention_search": False},
+        "readjust": {"population": 4, "iterations": 1, "documents": 1, "lengths": [32, 64]},
+        "eval": {"lengths": [64, 128], "methods": ["none", "${short}"], "documents": 1, "plots": False},
+        "stages": [
+            {"name": "long", "command": "search", "overrides": {"search.target": 128, "search.start_tokens": 0}},
+            {"name": "short", "command": "readjust", "overrides": {"readjust.factors": "${long}"}},
+            {"name": "ev", "command": "eval"},
+            {"name": "final", "command": "export"},
+        ],
+    }
+
+
 def small_search(**changes) -> list[str]:
     """SMALL_SEARCH (updated with `changes`) as `search.key=value` overrides for load_recipe or the CLI."""
     def text(value) -> str:

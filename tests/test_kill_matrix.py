@@ -35,7 +35,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import SMALL_SEARCH, small_search
+from conftest import small_search, tiny_pipeline_recipe
 
 pytestmark = pytest.mark.integration
 
@@ -119,20 +119,8 @@ def finetune_args(model: Path, corpus: Path, out: Path, ref_search: Path) -> lis
 
 
 def write_recipe(path: Path, model: Path, corpus: Path) -> Path:
-    """A search -> readjust -> eval -> export pipeline on the tiny model (the shape of test_stage_folders.py)."""
-    recipe = {
-        "model": {"name": str(model), "device": "cpu"},
-        "data": {"corpus": str(corpus)},
-        "search": {**SMALL_SEARCH, "iterations": 1, "attention_search": False},
-        "readjust": {"population": 4, "iterations": 1, "documents": 1, "lengths": [32, 64]},
-        "eval": {"lengths": [64, 128], "methods": ["none", "${short}"], "documents": 1, "plots": False},
-        "stages": [
-            {"name": "long", "command": "search", "overrides": {"search.target": 128, "search.start_tokens": 0}},
-            {"name": "short", "command": "readjust", "overrides": {"readjust.factors": "${long}"}},
-            {"name": "ev", "command": "eval"},
-            {"name": "final", "command": "export"},
-        ],
-    }
+    """conftest.tiny_pipeline_recipe as a file."""
+    recipe = tiny_pipeline_recipe(model, corpus)
     path.write_text(yaml.safe_dump(recipe), encoding="utf-8")
     return path
 

@@ -9,7 +9,7 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from conftest import SMALL_SEARCH, small_search
+from conftest import small_search, tiny_pipeline_recipe
 from longrope_cli.cli.main import cli
 from longrope_cli.pipeline import run_pipeline
 from longrope_cli.search.engine import _Progress
@@ -23,19 +23,7 @@ pytestmark = pytest.mark.usefixtures("restore_logging")
 
 @pytest.mark.integration
 def test_every_stage_folder_under_run_has_the_record(tiny_model_dir, tiny_corpus, tmp_path):
-    recipe = {
-        "model": {"name": str(tiny_model_dir), "device": "cpu"},
-        "data": {"corpus": str(tiny_corpus)},
-        "search": {**SMALL_SEARCH, "iterations": 1, "attention_search": False},
-        "readjust": {"population": 4, "iterations": 1, "documents": 1, "lengths": [32, 64]},
-        "eval": {"lengths": [64, 128], "methods": ["none", "${short}"], "documents": 1, "plots": False},
-        "stages": [
-            {"name": "long", "command": "search", "overrides": {"search.target": 128, "search.start_tokens": 0}},
-            {"name": "short", "command": "readjust", "overrides": {"readjust.factors": "${long}"}},
-            {"name": "ev", "command": "eval"},
-            {"name": "final", "command": "export"},
-        ],
-    }
+    recipe = tiny_pipeline_recipe(tiny_model_dir, tiny_corpus)
     path = tmp_path / "r.yaml"
     path.write_text(yaml.safe_dump(recipe), encoding="utf-8")
     outcomes = run_pipeline(path, out_root=tmp_path / "o", progress=True)
