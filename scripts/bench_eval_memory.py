@@ -21,6 +21,7 @@ Usage::
     OMP_WAIT_POLICY=PASSIVE python scripts/bench_eval_memory.py                     # testbed, 2k..16k
     python scripts/bench_eval_memory.py --model random --vocab 32000 --lengths 2k,8k  # a Llama-sized vocab
     python scripts/bench_eval_memory.py --json runs/bench-memory.json
+    python scripts/bench_eval_memory.py --model llama2-7b-layer --lengths 8k,16k --paths layerwise,chunked  # 7B shape
 """
 
 from __future__ import annotations
@@ -63,7 +64,7 @@ def load(model_name: str, vocab: int):
     from longrope_cli.models import load_model
 
     torch.set_num_threads(min(2, torch.get_num_threads()))
-    if model_name != "random":
+    if model_name not in ("random", "llama2-7b-layer"):
         lm = load_model(model_name, device="cpu", dtype="float32")
         return lm.model, lm.layout
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -71,6 +72,11 @@ def load(model_name: str, vocab: int):
     from longrope_cli.rope.layout import layout_from_config
 
     torch.manual_seed(0)
+    if model_name == "llama2-7b-layer":  # one LLaMA2-7B decoder layer (random weights): the per-token constants
+        config = LlamaConfig(vocab_size=vocab, hidden_size=4096, intermediate_size=11008, num_hidden_layers=1,
+                             num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096,
+                             attn_implementation="sdpa")
+        return LlamaForCausalLM(config).eval(), layout_from_config(config, name=model_name)
     config = LlamaConfig(vocab_size=vocab, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
                          num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,
                          attn_implementation="sdpa")
@@ -120,7 +126,8 @@ def measure(path: str, length: int, args: argparse.Namespace) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="testbed", help="testbed, a local HF directory, or 'random' (see --vocab)")
+    parser.add_argument("--model", default="testbed", help="testbed, a local HF directory, 'random' (see --vocab), or "
+                                                           "llama2-7b-layer (one LLaMA2-7B-shaped layer, fp32)")
     parser.add_argument("--vocab", type=int, default=32000, help="vocabulary of the 'random' model")
     parser.add_argument("--lengths", default="2k,4k,8k,16k")
     parser.add_argument("--paths", default=",".join(PATHS), help="chunked,full")
