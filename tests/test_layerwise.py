@@ -49,7 +49,10 @@ def test_layerwise_equals_the_models_forward_with_factors_installed(kind, kv_gro
     model = tiny(kind).eval()
     layout = layout_from_config(model.config)
     lam = tuple(1.0 + 3.0 * i / max(1, layout.pairs - 1) for i in range(layout.pairs))
-    install_factors(model, FactorSet(long_factor=lam, start_tokens=4, attention=1.2, target_length=256), layout)
+    # short factors too: the short / long switch reads the whole sequence's length, also for a chunk (48 tokens,
+    # below the 64-token window) of it
+    install_factors(model, FactorSet(long_factor=lam, short_factor=(1.0,) * layout.pairs, start_tokens=4,
+                                     attention=1.2, target_length=256), layout)
     ids = torch.randint(3, 96, (2, 200))
     assert unsupported(model, ids.shape[1]) is None
     with torch.no_grad():

@@ -71,8 +71,18 @@ def _rows(weight_bias: tuple[torch.Tensor, torch.Tensor | None], first: int, las
     return weight[first * d:last * d], None if bias is None else bias[first * d:last * d]
 
 
-def _attention(layer: nn.Module, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, chunk: int,
-               kv_group: int) -> torch.Tensor:
+def _rotary_chunk(rotary: nn.Module, hidden: torch.Tensor, start: int, stop: int, length: int):
+    """cos / sin of positions start..stop-1 of a `length`-token sequence. The last position is appended and
+    dropped: rotary modules that pick their tables by sequence length (longrope's short / long switch, dynamic
+    NTK) read the whole sequence's, and no full-length table is ever built."""
+    positions = torch.arange(start, stop, device=hidden.device)
+    if stop < length:
+        positions = torch.cat([positions, positions.new_tensor([length - 1])])
+    cos, sin = rotary(hidden[:, start:stop], positions.unsqueeze(0))
+    return cos[:, :stop - start], sin[:, :stop - start]
+
+
+def _attention(layer: nn.Module, hidden: torch.Tensor, rotary: nn.Module, chunk: int, kv_group: int) -> torch.Tensor:
     """The attention block's output (before the residual add), `kv_group` key/value heads at a time."""
     attn, config = layer.self_attn, layer.self_attn.config
     heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
@@ -92,8 +102,9 @@ def _attention(layer: nn.Module, hidden: torch.Tensor, cos: torch.Tensor, sin: t
             x = layer.input_layernorm(hidden[:, span])
             q_c, k_c, v_c = (F.linear(x, w, b).view(batch, x.shape[1], -1, d).transpose(1, 2)
                              for w, b in (q_rows, k_rows, v_rows))
-            # rotated a chunk at a time (cos / sin of the whole sequence, sliced): no full-length copies of q, k
-            q[:, :, span], k[:, :, span] = rope(q_c, k_c, cos[:, span], sin[:, span])
+            # rotated a chunk at a time: no full-length copies of q, k, and no full-length cos / sin
+            cos, sin = _rotary_chunk(rotary, hidden, start, min(start + chunk, length), length)
+            q[:, :, span], k[:, :, span] = rope(q_c, k_c, cos, sin)
             v[:, :, span] = v_c
         if rep > 1:  # grouped-query attention: each kv head serves `rep` query heads
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
@@ -117,10 +128,8 @@ def layerwise_hidden(model: Any, input_ids: torch.Tensor, chunk: int = 1024, kv_
     decoder = decoder_of(model)
     length = input_ids.shape[1]
     hidden = decoder.embed_tokens(input_ids)
-    positions = torch.arange(length, device=input_ids.device).unsqueeze(0)
-    cos, sin = decoder.rotary_emb(hidden, positions)
     for index, layer in enumerate(decoder.layers):
-        hidden += _attention(layer, hidden, cos, sin, chunk, max(1, kv_group))
+        hidden += _attention(layer, hidden, decoder.rotary_emb, chunk, max(1, kv_group))
         for start in range(0, length, chunk):
             span = slice(start, start + chunk)
             hidden[:, span] += layer.mlp(layer.post_attention_layernorm(hidden[:, span]))
