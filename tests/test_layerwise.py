@@ -88,3 +88,16 @@ def test_scoring_auto_goes_layerwise_for_long_windows_and_every_mode_gives_the_s
     auto = perplexity.window_nll(model, ids, chunk=32, scoring="auto")
     assert used == [1, 1]
     assert standard[1] == forced[1] == auto[1] and forced[0] == pytest.approx(standard[0], rel=1e-5)
+
+
+def test_a_long_forward_logs_each_layer(monkeypatch, caplog):
+    import logging
+
+    from longrope_cli import layerwise
+
+    model = tiny("llama").eval()
+    monkeypatch.setattr(layerwise, "LONG_FORWARD", 100)  # as if 100 tokens were an hour-long forward
+    with caplog.at_level(logging.INFO, logger="longrope_cli.layerwise"):
+        layerwise_hidden(model, torch.randint(3, 96, (1, 120)), chunk=32)
+    assert [r.getMessage() for r in caplog.records] == ["scoring 120 tokens: layer 1/2 done",
+                                                        "scoring 120 tokens: layer 2/2 done"]
