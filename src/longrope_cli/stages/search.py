@@ -184,15 +184,15 @@ def run_search(recipe: Recipe, out_dir: Path, *, resume: bool = False, lm: Loade
             log.info("search: attention=base keeps the fine-tuned temperature; no attention search")
             recipe = replace(recipe, search=replace(recipe.search, attention_search=False))
         cfg, layout = recipe.search, lm.layout
-        settings_from_search(recipe)
+        settings = settings_from_search(recipe)
         chosen = search_windows(recipe, lm.tokenizer, target, windows)
         native = native_base(lm.model, layout) if layout.prescaled and not cfg.base_factors else None
-        search_problem(recipe, layout, target, windows_digest(chosen.fitness), native)
+        problem = search_problem(recipe, layout, target, windows_digest(chosen.fitness), native)
         refuse_overwrite(out_dir, "search", resume, STATE_FILE)
         folder.open()  # every check above: a refused command leaves OUT as it was
         started = time.monotonic()
-        result = _search(recipe, lm, target, chosen, native, folder, resume=resume, progress=progress,
-                         distributed=distributed, ranks=ranks, scorer=scorer)
+        result = _search(recipe, lm, target, chosen, native, problem, settings, folder, resume=resume,
+                         progress=progress, distributed=distributed, ranks=ranks, scorer=scorer)
         if is_main_process():
             log.info("search finished in %.1f s: perplexity %.4f at %s, factors in %s", time.monotonic() - started,
                      result.best_perplexity, format_length(target), result.factors_path)
@@ -200,10 +200,10 @@ def run_search(recipe: Recipe, out_dir: Path, *, resume: bool = False, lm: Loade
 
 
 def _search(recipe: Recipe, lm: LoadedModel, target: int, windows: SearchWindows, native: FactorSet | None,
-            folder: StageFolder, *, resume: bool, progress: bool, distributed: bool, ranks: int,
-            scorer: Callable[..., Any]) -> SearchResult:
+            problem: Problem, settings: EvolutionSettings, folder: StageFolder, *, resume: bool, progress: bool,
+            distributed: bool, ranks: int, scorer: Callable[..., Any]) -> SearchResult:
+    """The search in an open folder; `problem` and `settings` as checked before it opened."""
     cfg, layout, out_dir = recipe.search, lm.layout, folder.out
-    settings = settings_from_search(recipe)
     fresh = len(windows.fresh)
     if native is not None:
         log.info("search: %s already scales RoPE (%s, %s): searching relative to it", layout.name, layout.rope_type,
@@ -212,10 +212,11 @@ def _search(recipe: Recipe, lm: LoadedModel, target: int, windows: SearchWindows
     scoring = recipe.model.scoring
     local = LocalEvaluator(lm.model, layout, windows.fitness, chunk=chunk, labels=windows.labels, scoring=scoring,
                            scorer=scorer)
-    windows_id = windows_digest(windows.fitness)
+    windows_id = problem.fingerprint["windows"]
     critical, critical_rows = pick_critical_dim(recipe, layout, target, windows_id, local, out_dir, distributed,
                                                 progressive=bool(cfg.base_factors) or native is not None)
-    problem = search_problem(recipe, layout, target, windows_id, native, critical=critical)
+    if critical is not None:  # the sweep moved the boundary: the space is the winner's
+        problem = search_problem(recipe, layout, target, windows_id, native, critical=critical)
     pools: dict[str, LocalEvaluator] = {}
     if fresh:
         pools["fresh"] = LocalEvaluator(lm.model, layout, windows.fresh, chunk=chunk, labels=windows.fresh_labels,
