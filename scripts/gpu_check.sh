@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # The checks that need a CUDA GPU, in one go (CI has none): the gpu-marked tests, the whole test suite with
-# CUDA visible, the tiny recipe end to end on the GPU, and the 7B-shaped fine-tuning memory benchmark.
+# CUDA visible (the gpu tests include context-parallel scoring over 2 GPUs with NCCL, skipped on one GPU), the
+# tiny recipe end to end on the GPU, the 7B-shaped fine-tuning memory benchmark, and the layer-by-layer scoring
+# of 7B-shaped layers at 256k, 1M and 2048k (about 10 minutes on one H100-class GPU).
 # Run it in a checkout where torch (CUDA build) and longrope are installed (`make install TORCH_SPEC=`).
 #
 #   $ scripts/gpu_check.sh                 # logs and results in runs/gpu-check/
@@ -33,6 +35,12 @@ suite=$!
 part gpu-tests $PY -m pytest -m gpu -q -p no:cacheprovider
 part tiny-recipe $PY -m longrope_cli run recipes/tiny.yaml model.device=cuda --out "$OUT_DIR/tiny"
 part bench-memory $PY scripts/bench_finetune_memory.py --json "$OUT_DIR/bench_finetune_memory.json"
+# One 2048k candidate on one GPU: peak and time of 2 and 4 LLaMA2-7B-shaped layers (x 16 or x 8 for 32 layers'
+# time; the peak does not grow with layers: one layer at a time, the residual stream is what stays).
+part bench-scoring-7b-2 $PY scripts/bench_eval_memory.py --model llama2-7b-layer --layers 2 --device cuda \
+  --dtype bfloat16 --lengths 256k,1m,2m --paths layerwise --no-timing --json "$OUT_DIR/bench_scoring_7b_2.json"
+part bench-scoring-7b-4 $PY scripts/bench_eval_memory.py --model llama2-7b-layer --layers 4 --device cuda \
+  --dtype bfloat16 --lengths 256k,1m --paths layerwise --no-timing --json "$OUT_DIR/bench_scoring_7b_4.json"
 wait $suite || status=1
 tail -n 3 "$OUT_DIR/suite.log"
 exit $status

@@ -208,3 +208,37 @@ def restore_logging():
             handler.close()
     root.handlers[:] = handlers
     root.setLevel(level)
+
+
+ARCHITECTURES = ("llama", "llama-gqa", "qwen2", "mistral", "phi3", "phi3-partial")
+
+
+def tiny_architecture(kind: str):
+    """A 2-layer random model of one architecture family the layer-by-layer forward serves."""
+    from transformers import (
+        LlamaConfig,
+        LlamaForCausalLM,
+        MistralConfig,
+        MistralForCausalLM,
+        Phi3Config,
+        Phi3ForCausalLM,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+    )
+
+    common = dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                  max_position_embeddings=64, attn_implementation="sdpa")
+    torch.manual_seed(0)
+    if kind == "llama":
+        return LlamaForCausalLM(LlamaConfig(**common, num_key_value_heads=4))
+    if kind == "llama-gqa":
+        return LlamaForCausalLM(LlamaConfig(**common, num_key_value_heads=2))
+    if kind == "qwen2":  # q/k/v biases, GQA
+        return Qwen2ForCausalLM(Qwen2Config(**common, num_key_value_heads=2, use_sliding_window=False))
+    if kind == "mistral":
+        return MistralForCausalLM(MistralConfig(**common, num_key_value_heads=2, sliding_window=None))
+    if kind == "phi3":  # fused qkv_proj and gate_up_proj
+        return Phi3ForCausalLM(Phi3Config(**common, num_key_value_heads=4, pad_token_id=0))
+    if kind == "phi3-partial":
+        return Phi3ForCausalLM(Phi3Config(**common, num_key_value_heads=2, pad_token_id=0, partial_rotary_factor=0.5))
+    raise ValueError(kind)

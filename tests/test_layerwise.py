@@ -6,46 +6,21 @@ from __future__ import annotations
 import pytest
 import torch
 
-from longrope_cli.layerwise import layerwise_hidden, unsupported
+from conftest import ARCHITECTURES
+from conftest import tiny_architecture as tiny
+from longrope_cli.layerwise import causal_attention, layerwise_hidden, unsupported
 from longrope_cli.losses import decoder_of
 from longrope_cli.rope.factors import FactorSet
 from longrope_cli.rope.layout import layout_from_config
 from longrope_cli.rope.rotary import install_factors
 
 
-def tiny(kind: str):
-    from transformers import (
-        LlamaConfig,
-        LlamaForCausalLM,
-        MistralConfig,
-        MistralForCausalLM,
-        Phi3Config,
-        Phi3ForCausalLM,
-        Qwen2Config,
-        Qwen2ForCausalLM,
-    )
-
-    common = dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                  max_position_embeddings=64, attn_implementation="sdpa")
-    torch.manual_seed(0)
-    if kind == "llama":
-        return LlamaForCausalLM(LlamaConfig(**common, num_key_value_heads=4))
-    if kind == "llama-gqa":
-        return LlamaForCausalLM(LlamaConfig(**common, num_key_value_heads=2))
-    if kind == "qwen2":  # q/k/v biases, GQA
-        return Qwen2ForCausalLM(Qwen2Config(**common, num_key_value_heads=2, use_sliding_window=False))
-    if kind == "mistral":
-        return MistralForCausalLM(MistralConfig(**common, num_key_value_heads=2, sliding_window=None))
-    if kind == "phi3":  # fused qkv_proj and gate_up_proj
-        return Phi3ForCausalLM(Phi3Config(**common, num_key_value_heads=4, pad_token_id=0))
-    if kind == "phi3-partial":
-        return Phi3ForCausalLM(Phi3Config(**common, num_key_value_heads=2, pad_token_id=0, partial_rotary_factor=0.5))
-    raise ValueError(kind)
-
-
-@pytest.mark.parametrize("kind", ["llama", "llama-gqa", "qwen2", "mistral", "phi3", "phi3-partial"])
+@pytest.mark.parametrize("kind", ARCHITECTURES)
 @pytest.mark.parametrize("kv_group", [1, 2])
-def test_layerwise_equals_the_models_forward_with_factors_installed(kind, kv_group):
+@pytest.mark.parametrize("attend", [None, causal_attention], ids=["query-blocks", "whole-sequence"])
+def test_layerwise_equals_the_models_forward_with_factors_installed(kind, kv_group, attend):
+    """Both attention paths: the CPU's (queries a chunk at a time, merged by log-sum-exp) and the GPU's (SDPA
+    over the group's whole q, k, v), here both on the CPU."""
     model = tiny(kind).eval()
     layout = layout_from_config(model.config)
     lam = tuple(1.0 + 3.0 * i / max(1, layout.pairs - 1) for i in range(layout.pairs))
@@ -57,7 +32,7 @@ def test_layerwise_equals_the_models_forward_with_factors_installed(kind, kv_gro
     assert unsupported(model, ids.shape[1]) is None
     with torch.no_grad():
         reference = decoder_of(model)(input_ids=ids, use_cache=False).last_hidden_state
-        ours = layerwise_hidden(model, ids, chunk=48, kv_group=kv_group)
+        ours = layerwise_hidden(model, ids, chunk=48, kv_group=kv_group, attend=attend)
     torch.testing.assert_close(ours, reference, rtol=1e-4, atol=1e-5)
 
 

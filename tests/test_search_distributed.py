@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from conftest import small_search
@@ -53,3 +54,50 @@ def test_two_gloo_ranks_match_the_local_search(tiny_model_dir, tiny_corpus, tmp_
     strip = ("seconds",)
     assert [{k: v for k, v in r.items() if k not in strip} for r in dist_log] == \
         [{k: v for k, v in r.items() if k not in strip} for r in local_log]
+
+
+def test_context_parallel_groups_score_each_candidate_together_and_match_the_local_search(
+        tiny_model_dir, tiny_corpus, tmp_path):
+    """4 gloo ranks as 2 groups of 2 (parallel.context_parallel=2): each group scores its candidates with the
+    window split over its two ranks; the search is the single-process one."""
+    common = [f"data.corpus={tiny_corpus}", *small_search(iterations=2, seed=3, validate_top=2,
+                                                          validate_documents=1)]
+    out = tmp_path / "cp"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "4",
+               "-m", "longrope_cli", "search", "--model", str(tiny_model_dir), "--device", "cpu", "--target", "256",
+               "--out", str(out), "--no-progress", *common, "search.backend=distributed", "parallel.dist_backend=gloo",
+               "parallel.context_parallel=2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE", "HF_HUB_OFFLINE": "1",
+           "PYTHONFAULTHANDLER": "1"}
+    proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=400)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, output[-8000:]
+    flat = " ".join(output.split())  # the log wraps lines
+    assert "rank 3: scores each window with ranks 2..3 (context parallel 2)" in flat, output[-8000:]
+    assert "scored 0 candidates" not in flat and "rank 2 of 4: scored" in flat, output[-8000:]
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        lm = load_model(str(tiny_model_dir), device="cpu")
+        recipe = load_recipe(None, [f"model.name={tiny_model_dir}", "search.target=256", "model.scoring=layerwise",
+                                    *common])
+        local = run_search(recipe, tmp_path / "local", lm=lm, progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    shared = json.loads((out / "factors.json").read_text())
+    assert shared["provenance"]["context_parallel"] == 2
+    assert shared["long_factor"] == list(local.best.long_factor)
+    assert shared["provenance"]["evaluations"] == local.evaluations
+    assert shared["provenance"]["perplexity"] == pytest.approx(local.best.provenance["perplexity"], rel=1e-5)
+
+
+def test_context_parallel_without_distributed_ranks_is_a_one_line_error(tiny_model_dir, tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "longrope_cli", "search", "--model", str(tiny_model_dir),
+                           "--target", "256", "--out", str(tmp_path / "s"), "parallel.context_parallel=2"],
+                          env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert proc.stderr.strip().splitlines() == [
+        "error: parallel.context_parallel=2 shares each window among torchrun ranks: set search.backend=distributed "
+        "and launch with torchrun --nproc-per-node a multiple of it"], proc.stderr
+    assert not (tmp_path / "s").exists()

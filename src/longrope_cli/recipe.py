@@ -183,7 +183,8 @@ class ExportConfig:
 class ParallelConfig:
     dist_backend: Literal["auto", "gloo", "nccl"] = _field("auto", "torch.distributed backend; auto = nccl on GPU")
     fsdp: bool = _field(False, "shard the model with FSDP when fine-tuning on several ranks")
-    context_parallel: int = _field(1, "ranks that share one sequence (torch context_parallel); 1 = off")
+    context_parallel: int = _field(1, "ranks that share one sequence (torch's ring attention): fine-tuning (CUDA) "
+                                          "and search scoring (CPU or CUDA); 1 = off")
 
 
 @dataclass

@@ -58,13 +58,18 @@ def decoder_hidden(model: Any, input_ids: torch.Tensor, chunk: int = 1024, scori
 @torch.no_grad()
 def window_nll(model: Any, input_ids: torch.Tensor, chunk: int = 1024,
                labels: torch.Tensor | None = None, mlp_chunk: int | None = None,
-               scoring: str = "auto") -> tuple[float, int]:
+               scoring: str = "auto", context: Any = None) -> tuple[float, int]:
     """(sum of NLL, scored tokens) for a batch of windows (B, L); `labels` (already shifted, -100 = not scored)
     restrict the loss to some tokens, e.g. a needle's answer. The decoder MLPs run `mlp_chunk` positions at a
-    time (default: `chunk`; 0: whole sequence); `scoring` as in `decoder_hidden`."""
+    time (default: `chunk`; 0: whole sequence); `scoring` as in `decoder_hidden`. `context`: a
+    `context_parallel.ContextGroup` whose ranks score the windows together (layer by layer)."""
     device = next(model.parameters()).device
     input_ids = input_ids.to(device)
     labels = shift_labels(input_ids) if labels is None else labels.to(device)
+    if context is not None:
+        from longrope_cli import context_parallel
+
+        return context_parallel.window_nll(model, input_ids, labels, context, chunk=chunk)
     hidden = decoder_hidden(model, input_ids, chunk, scoring, mlp_chunk)
     total, count = chunked_nll(model, hidden, labels, chunk=chunk)
     return float(total), int(count)
@@ -77,11 +82,13 @@ def score_perplexity(
     progress: bool = False,
     labels: torch.Tensor | None = None,
     scoring: str = "auto",
+    context: Any = None,
 ) -> PerplexityResult:
     """Perplexity of `windows` (N, L) under the model as it is (install factors first).
 
     NaN/inf never raises: the result is simply infinite. `labels` (N, L): per-window targets (-100 = not
-    scored), e.g. only a needle's answer.
+    scored), e.g. only a needle's answer. `context`: score each window with the ranks of a context-parallel
+    group (`window_nll`).
 
     Example:
         >>> score_perplexity(lm.model, windows).perplexity  # doctest: +SKIP
@@ -91,7 +98,8 @@ def score_perplexity(
     rows = list(windows) if not isinstance(windows, torch.Tensor) else list(windows.unbind(0))
     for k, row in enumerate(tqdm(rows, desc="perplexity", leave=False, disable=not progress)):
         nll, count = window_nll(model, row.view(1, -1), chunk=chunk,
-                                labels=None if labels is None else labels[k].view(1, -1), scoring=scoring)
+                                labels=None if labels is None else labels[k].view(1, -1), scoring=scoring,
+                                context=context)
         if not math.isfinite(nll):
             return PerplexityResult(math.inf, math.inf, tokens + count, per_window + [math.inf])
         total += nll

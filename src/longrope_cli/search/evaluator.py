@@ -92,8 +92,9 @@ class LocalEvaluator(Evaluator):
 
     def __init__(self, model: Any, layout: RopeLayout, windows: torch.Tensor | Sequence[torch.Tensor],
                  chunk: int = 1024, labels: torch.Tensor | None = None, scoring: str = "auto",
-                 scorer: Any = score_perplexity) -> None:
+                 scorer: Any = score_perplexity, context: Any = None) -> None:
         self.model = model
+        self.context = context  # context_parallel.ContextGroup: its ranks score each window together
         self.scorer = scorer  # evaluate.perplexity.score_perplexity, or a caller's wrapper of it
         self.scoring = scoring  # evaluate.perplexity.decoder_hidden: auto, layerwise or standard
         self.layout = layout
@@ -127,7 +128,8 @@ class LocalEvaluator(Evaluator):
 
     def _window(self, window: torch.Tensor, labels: torch.Tensor | None = None) -> PerplexityResult:
         """One window's perplexity with the installed factors."""
-        return self.scorer(self.model, window, chunk=self.chunk, labels=labels, scoring=self.scoring)
+        extra = {} if self.context is None else {"context": self.context}  # a caller's scorer may not take it
+        return self.scorer(self.model, window, chunk=self.chunk, labels=labels, scoring=self.scoring, **extra)
 
     def score(self, factors: FactorSet, stop_above: Limit = None) -> Fitness:
         started = time.perf_counter()
@@ -166,7 +168,9 @@ class DistributedEvaluator(Evaluator):
     """Every rank holds a full model copy and scores whole candidates; rank 0 drives.
 
     Rank 0 calls `evaluate` (and finally `shutdown(payload)`); every other rank calls `serve()`, which scores
-    its share of each batch until rank 0 shuts down and then returns rank 0's payload.
+    its share of each batch until rank 0 shuts down and then returns rank 0's payload. Under context parallel
+    (`local.context`, C ranks per group) the candidates are dealt to the groups, and the C ranks of a group
+    score theirs together.
     """
 
     def __init__(self, local: LocalEvaluator, pools: dict[str, LocalEvaluator] | None = None) -> None:
@@ -180,15 +184,19 @@ class DistributedEvaluator(Evaluator):
         self.pools = {"fitness": local, **(pools or {})}
         self.rank = dist.get_rank()
         self.world = dist.get_world_size()
-        self.parallelism = self.world
+        context = local.context
+        self.share_size = 1 if context is None else context.size  # ranks per candidate
+        self.share = self.rank // self.share_size  # which share of each batch this rank scores
+        self.parallelism = self.world // self.share_size
         self.scored = 0  # candidates this rank scored
 
     def _share(self, factor_sets: Sequence[FactorSet], stop_above: Limit, pool: str = "fitness"
                ) -> list[tuple[int, Fitness]]:
         scorer = self.pools[pool]
-        mine = [(j, scorer.score(factor_sets[j], stop_above)) for j in range(self.rank, len(factor_sets), self.world)]
+        mine = [(j, scorer.score(factor_sets[j], stop_above))
+                for j in range(self.share, len(factor_sets), self.parallelism)]
         self.scored += len(mine)
-        return mine
+        return mine if self.rank % self.share_size == 0 else []  # a group's ranks hold the same scores
 
     def _round(self, message: tuple) -> list[list[tuple[int, Fitness]]] | None:
         box = [message]

@@ -126,6 +126,9 @@ def run_readjust(recipe: Recipe, out_dir: Path, *, resume: bool = False, lm: Loa
     distributed = cfg.backend == "distributed"
     if distributed:
         init_distributed(recipe.parallel.dist_backend, recipe.model.device)
+    if recipe.parallel.context_parallel > 1:  # a recipe-wide setting, made for the long stages
+        log.info("readjust: short windows fit one rank; parallel.context_parallel=%d is not used here, every rank "
+                 "scores whole candidates", recipe.parallel.context_parallel)
     with stage_folder("readjust", recipe, out_dir) as folder:
         return _readjust(recipe, lm or load_recipe_model(recipe.model), folder, resume=resume, progress=progress,
                          distributed=distributed, scorer=scorer)

@@ -22,9 +22,11 @@ from typing import Any
 
 import torch
 
+from longrope_cli.context_parallel import ContextGroup, check_length, context_group
 from longrope_cli.data import load_windows
 from longrope_cli.errors import RecipeError
 from longrope_cli.evaluate.perplexity import score_perplexity
+from longrope_cli.layerwise import unsupported
 from longrope_cli.lengths import format_length
 from longrope_cli.models import LoadedModel, load_recipe_model
 from longrope_cli.recipe import Recipe, recipe_to_dict, require_target
@@ -155,6 +157,8 @@ def pick_critical_dim(recipe: Recipe, layout: Any, target: int, windows_id: str,
         "model": layout.to_dict(), "target": target, "windows": windows_id,
         **{k: getattr(cfg, k) for k in ("factor_step", "factor_min", "factor_max_ratio", "start_tokens",
                                         "start_token_choices", "attention", "fitness", "seed")}})
+    if distributed:  # every rank skips the same stored scores (a context-parallel group scores in lockstep)
+        book.scores = broadcast_from_main(book.scores)
     chosen = choose_critical_dim(recipe, layout, target, windows_id, local, book)
     return broadcast_from_main(chosen) if distributed else chosen
 
@@ -173,11 +177,22 @@ def run_search(recipe: Recipe, out_dir: Path, *, resume: bool = False, lm: Loade
         raise RecipeError("search.target is not set; pass --target 256k (or set search.target in the recipe)")
     out_dir = Path(out_dir)
     distributed = recipe.search.backend == "distributed"
+    cp = recipe.parallel.context_parallel
+    if cp > 1 and not distributed:
+        raise RecipeError(f"parallel.context_parallel={cp} shares each window among torchrun ranks: set "
+                          "search.backend=distributed and launch with torchrun --nproc-per-node a multiple of it")
     ranks = init_distributed(recipe.parallel.dist_backend, recipe.model.device)[1] if distributed else 1
+    context = context_group(cp) if distributed else None
     with stage_folder("search", recipe, out_dir) as folder:
         if lm is None:
             lm = load_recipe_model(recipe.model)
         target = require_target(recipe.search.target, lm.layout.original_length, "search.target")
+        if context is not None:
+            check_length(target, cp)
+            why = unsupported(lm.model, target)
+            if why is not None:
+                raise RecipeError(f"parallel.context_parallel needs the layer-by-layer scoring forward, which "
+                                  f"{lm.layout.name} cannot use ({why}); set parallel.context_parallel=1")
         recipe = replace(recipe, search=resolve_search(recipe.search, target))
         if recipe.search.attention_search and recipe.search.attention == "base":
             # `base` asks for the fine-tuned model's own temperature: keep it exactly.
@@ -192,7 +207,7 @@ def run_search(recipe: Recipe, out_dir: Path, *, resume: bool = False, lm: Loade
         folder.open()  # every check above: a refused command leaves OUT as it was
         started = time.monotonic()
         result = _search(recipe, lm, target, chosen, native, problem, settings, folder, resume=resume,
-                         progress=progress, distributed=distributed, ranks=ranks, scorer=scorer)
+                         progress=progress, distributed=distributed, ranks=ranks, scorer=scorer, context=context)
         if is_main_process():
             log.info("search finished in %.1f s: perplexity %.4f at %s, factors in %s", time.monotonic() - started,
                      result.best_perplexity, format_length(target), result.factors_path)
@@ -201,8 +216,10 @@ def run_search(recipe: Recipe, out_dir: Path, *, resume: bool = False, lm: Loade
 
 def _search(recipe: Recipe, lm: LoadedModel, target: int, windows: SearchWindows, native: FactorSet | None,
             problem: Problem, settings: EvolutionSettings, folder: StageFolder, *, resume: bool, progress: bool,
-            distributed: bool, ranks: int, scorer: Callable[..., Any]) -> SearchResult:
-    """The search in an open folder; `problem` and `settings` as checked before it opened."""
+            distributed: bool, ranks: int, scorer: Callable[..., Any], context: ContextGroup | None = None
+            ) -> SearchResult:
+    """The search in an open folder; `problem` and `settings` as checked before it opened. `context`: this
+    rank's context-parallel group (its ranks score each candidate together)."""
     cfg, layout, out_dir = recipe.search, lm.layout, folder.out
     fresh = len(windows.fresh)
     if native is not None:
@@ -211,7 +228,7 @@ def _search(recipe: Recipe, lm: LoadedModel, target: int, windows: SearchWindows
     chunk = recipe.model.loss_chunk
     scoring = recipe.model.scoring
     local = LocalEvaluator(lm.model, layout, windows.fitness, chunk=chunk, labels=windows.labels, scoring=scoring,
-                           scorer=scorer)
+                           scorer=scorer, context=context)
     windows_id = problem.fingerprint["windows"]
     critical, critical_rows = pick_critical_dim(recipe, layout, target, windows_id, local, out_dir, distributed,
                                                 progressive=bool(cfg.base_factors) or native is not None)
@@ -220,11 +237,11 @@ def _search(recipe: Recipe, lm: LoadedModel, target: int, windows: SearchWindows
     pools: dict[str, LocalEvaluator] = {}
     if fresh:
         pools["fresh"] = LocalEvaluator(lm.model, layout, windows.fresh, chunk=chunk, labels=windows.fresh_labels,
-                                        scoring=scoring, scorer=scorer)
+                                        scoring=scoring, scorer=scorer, context=context)
     if cfg.attention_search:
         every, every_labels = windows.every()
         pools["all"] = LocalEvaluator(lm.model, layout, every, chunk=chunk, labels=every_labels, scoring=scoring,
-                                      scorer=scorer)
+                                      scorer=scorer, context=context)
     factors_path = out_dir / FACTORS_FILE
     log.info("search: %s, target %s (s = %.3g), %d x %s windows, grid %s..%s step %s, n-hat %s, %d evaluations "
              "planned", layout.name, format_length(target), layout.scale(target), len(windows.fitness),
@@ -232,7 +249,8 @@ def _search(recipe: Recipe, lm: LoadedModel, target: int, windows: SearchWindows
              problem.space.step, "fixed " + str(problem.space.start_choices[0]) if not problem.space.searches_start
              else "searched", settings.planned_evaluations())
     provenance = {"stage": "search", "target": target, "seed": cfg.seed, "documents": cfg.documents,
-                  "model": layout.name, "racing": cfg.racing, "ranks": ranks}
+                  "model": layout.name, "racing": cfg.racing, "ranks": ranks,
+                  "context_parallel": recipe.parallel.context_parallel}
     if critical_rows is not None:
         provenance["critical_dim_search"] = {"chosen": critical, "boundaries": critical_rows}
     if cfg.base_factors or native is not None:
