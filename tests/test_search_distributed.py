@@ -20,6 +20,18 @@ SEARCH = small_search(iterations=2, racing=True, seed=3,
                       validate_top=3, validate_documents=2, attention_search=True, attention_search_evals=4)
 
 
+def one_process_search(model_dir, tmp_path, overrides: list[str]):
+    """The same search in this process, on one thread as each rank ran: the same arithmetic."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        lm = load_model(str(model_dir), device="cpu")
+        recipe = load_recipe(None, [f"model.name={model_dir}", "search.target=256", *overrides])
+        return run_search(recipe, tmp_path / "local", lm=lm, progress=False)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_two_gloo_ranks_match_the_local_search(tiny_model_dir, tiny_corpus, tmp_path):
     common = [f"data.corpus={tiny_corpus}", *SEARCH]
     out = tmp_path / "dist"
@@ -33,14 +45,7 @@ def test_two_gloo_ranks_match_the_local_search(tiny_model_dir, tiny_corpus, tmp_
     assert proc.returncode == 0, output[-8000:]
     assert "rank 1 of 2: scored" in output and "scored 0 candidates" not in output, output[-8000:]
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the ranks ran with one thread each: same arithmetic
-    try:
-        lm = load_model(str(tiny_model_dir), device="cpu")
-        recipe = load_recipe(None, [f"model.name={tiny_model_dir}", "search.target=256", *common])
-        local = run_search(recipe, tmp_path / "local", lm=lm, progress=False)
-    finally:
-        torch.set_num_threads(threads)
+    local = one_process_search(tiny_model_dir, tmp_path, common)
     distributed = json.loads((out / "factors.json").read_text())
     assert distributed["provenance"]["ranks"] == 2
     assert distributed["long_factor"] == list(local.best.long_factor)
@@ -76,15 +81,7 @@ def test_context_parallel_groups_score_each_candidate_together_and_match_the_loc
     assert "rank 3: scores each window with ranks 2..3 (context parallel 2)" in flat, output[-8000:]
     assert "scored 0 candidates" not in flat and "rank 2 of 4: scored" in flat, output[-8000:]
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        lm = load_model(str(tiny_model_dir), device="cpu")
-        recipe = load_recipe(None, [f"model.name={tiny_model_dir}", "search.target=256", "model.scoring=layerwise",
-                                    *common])
-        local = run_search(recipe, tmp_path / "local", lm=lm, progress=False)
-    finally:
-        torch.set_num_threads(threads)
+    local = one_process_search(tiny_model_dir, tmp_path, ["model.scoring=layerwise", *common])
     shared = json.loads((out / "factors.json").read_text())
     assert shared["provenance"]["context_parallel"] == 2
     assert shared["long_factor"] == list(local.best.long_factor)
