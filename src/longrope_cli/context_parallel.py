@@ -64,6 +64,16 @@ def check_length(length: int, size: int, what: str = "search.target") -> None:
                           "(each rank holds two equal chunks of every window)")
 
 
+def require_layerwise(model: Any, length: int) -> None:
+    """Context parallel runs the layer-by-layer forward: a model it cannot serve is a recipe error."""
+    from longrope_cli.layerwise import unsupported
+
+    why = unsupported(model, length)
+    if why is not None:
+        raise RecipeError(f"parallel.context_parallel needs the layer-by-layer scoring forward, which this model "
+                          f"cannot use ({why}); set parallel.context_parallel=1")
+
+
 def local_positions(length: int, cp: ContextGroup, device: Any = None) -> torch.Tensor:
     """The positions this rank holds of a `length`-token window: chunks r and 2C-1-r of 2C (torch's head-tail
     layout, which its ring attention expects for causal masks)."""
@@ -103,14 +113,11 @@ def window_nll(model: Any, input_ids: torch.Tensor, labels: torch.Tensor, cp: Co
     gets the same numbers. `labels` are already shifted (the next token may live on another rank)."""
     import torch.distributed as dist
 
-    from longrope_cli.layerwise import layerwise_hidden, unsupported
+    from longrope_cli.layerwise import layerwise_hidden
     from longrope_cli.losses import chunked_nll
 
     length = input_ids.shape[-1]
-    why = unsupported(model, length)
-    if why is not None:
-        raise RecipeError(f"parallel.context_parallel needs the layer-by-layer scoring forward, which this model "
-                          f"cannot use ({why}); set parallel.context_parallel=1")
+    require_layerwise(model, length)
     positions = local_positions(length, cp, input_ids.device)
     hidden = layerwise_hidden(model, input_ids[:, positions], chunk, positions=positions, length=length,
                               attend=partial(ring_attention, cp=cp))

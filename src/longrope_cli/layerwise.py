@@ -78,7 +78,7 @@ def _rows(weight_bias: tuple[torch.Tensor, torch.Tensor | None], first: int, las
 def _rotary_chunk(rotary: nn.Module, hidden: torch.Tensor, positions: torch.Tensor, length: int):
     """cos / sin of `positions` (a chunk of this rank's positions) in a `length`-token sequence. The last
     position is appended and dropped: rotary modules that pick their tables by sequence length (longrope's
-    short / long switch, dynamic NTK) read the whole sequence's, and no full-length table is ever built."""
+    short / long switch, dynamic NTK) read the whole sequence's, while each call sees one chunk only."""
     count = len(positions)
     positions = torch.cat([positions, positions.new_tensor([length - 1])])
     cos, sin = rotary(hidden[:, :count], positions.unsqueeze(0))

@@ -22,11 +22,10 @@ from typing import Any
 
 import torch
 
-from longrope_cli.context_parallel import ContextGroup, check_length, context_group
+from longrope_cli.context_parallel import ContextGroup, check_length, context_group, require_layerwise
 from longrope_cli.data import load_windows
 from longrope_cli.errors import RecipeError
 from longrope_cli.evaluate.perplexity import score_perplexity
-from longrope_cli.layerwise import unsupported
 from longrope_cli.lengths import format_length
 from longrope_cli.models import LoadedModel, load_recipe_model
 from longrope_cli.recipe import Recipe, recipe_to_dict, require_target
@@ -189,10 +188,7 @@ def run_search(recipe: Recipe, out_dir: Path, *, resume: bool = False, lm: Loade
         target = require_target(recipe.search.target, lm.layout.original_length, "search.target")
         if context is not None:
             check_length(target, cp)
-            why = unsupported(lm.model, target)
-            if why is not None:
-                raise RecipeError(f"parallel.context_parallel needs the layer-by-layer scoring forward, which "
-                                  f"{lm.layout.name} cannot use ({why}); set parallel.context_parallel=1")
+            require_layerwise(lm.model, target)
         recipe = replace(recipe, search=resolve_search(recipe.search, target))
         if recipe.search.attention_search and recipe.search.attention == "base":
             # `base` asks for the fine-tuned model's own temperature: keep it exactly.
