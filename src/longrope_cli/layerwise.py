@@ -140,7 +140,7 @@ def _attention(layer: nn.Module, hidden: torch.Tensor, rotary: list[tuple[torch.
                 q[:, :, span], k[:, :, span] = rope(q_c, k_c, cos, sin)
             else:
                 (k_c, v[:, :, span]), (cos, sin) = project(index, (k_rows, v_rows))
-                k[:, :, span] = rope(k_c, k_c, cos, sin)[1]
+                k[:, :, span] = rope(k_c[:, :0], k_c, cos, sin)[1]  # zero query heads: keys rotated alone
         if rep > 1:  # grouped-query attention: each kv head serves `rep` query heads
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
         w_o = attn.o_proj.weight[:, k0 * rep * d:k1 * rep * d]
@@ -151,7 +151,7 @@ def _attention(layer: nn.Module, hidden: torch.Tensor, rotary: list[tuple[torch.
                 piece = o[:, :, span]
             else:
                 (q_c,), (cos, sin) = project(index, (q_rows,))
-                piece = _query_block(rope(q_c, q_c, cos, sin)[0], k, v, span.start, attn.scaling)
+                piece = _query_block(rope(q_c, q_c[:, :0], cos, sin)[0], k, v, span.start, attn.scaling)
             out[:, span] += F.linear(piece.transpose(1, 2).reshape(batch, -1, w_o.shape[1]), w_o)
         del o, k, v
     if attn.o_proj.bias is not None:
