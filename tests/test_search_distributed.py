@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,6 +20,26 @@ from longrope_cli.stages.search import run_search
 SEARCH = small_search(iterations=2, racing=True, seed=3,
                       # what runs after the evolution is spread over the ranks too (rank 0 alone would idle the others)
                       validate_top=3, validate_documents=2, attention_search=True, attention_search_evals=4)
+
+
+def run_ranks(command: list[str], env: dict, timeout: float, tmp_path: Path) -> subprocess.CompletedProcess:
+    """torchrun, stopped on a timeout as a scheduler stops it (SIGTERM: torchrun ends its ranks), so a hang fails
+    the test without leaving ranks behind. Output goes to files: a stray rank holding a pipe cannot block us."""
+    logs = [tmp_path / "ranks.out", tmp_path / "ranks.err"]
+    with logs[0].open("w") as out, logs[1].open("w") as err:
+        proc = subprocess.Popen(command, env=env, stdout=out, stderr=err, text=True)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            pytest.fail(f"ranks still running after {timeout} s (a hang?):\n{logs[1].read_text()[-4000:]}")
+    stdout, stderr = (log.read_text() for log in logs)
+    return subprocess.CompletedProcess(command, proc.returncode, stdout, stderr)
 
 
 def one_process_search(model_dir, tmp_path, overrides: list[str]):
@@ -98,3 +120,27 @@ def test_context_parallel_without_distributed_ranks_is_a_one_line_error(tiny_mod
         "error: parallel.context_parallel=2 shares each window among torchrun ranks: set search.backend=distributed "
         "and launch with torchrun --nproc-per-node a multiple of it"], proc.stderr
     assert not (tmp_path / "s").exists()
+
+
+def test_a_context_parallel_group_resumes_the_boundary_sweep_in_lockstep(tiny_model_dir, tiny_corpus, tmp_path):
+    """Rank 0 holds the stored boundary scores (critical.json); its group peer must skip them too, or the two
+    wait for each other in different collectives forever."""
+    common = [f"data.corpus={tiny_corpus}", *small_search(iterations=1, seed=5), "search.critical_dim=search"]
+    out = tmp_path / "cp"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+               "-m", "longrope_cli", "search", "--model", str(tiny_model_dir), "--device", "cpu", "--target", "256",
+               "--out", str(out), "--no-progress", *common, "search.backend=distributed", "parallel.dist_backend=gloo",
+               "parallel.context_parallel=2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE", "HF_HUB_OFFLINE": "1",
+           "PYTHONFAULTHANDLER": "1"}
+    first = run_ranks(command, env, 300, tmp_path)
+    assert first.returncode == 0, (first.stdout + first.stderr)[-8000:]
+    stored = json.loads((out / "critical.json").read_text())["scores"]
+    assert stored
+    for name in os.listdir(out):  # keep only the boundary scores: the resume starts the evolution afresh
+        if name != "critical.json" and (out / name).is_file():
+            (out / name).unlink()
+    again = run_ranks([*command, "--resume"], env, 120, tmp_path)
+    assert again.returncode == 0, (again.stdout + again.stderr)[-8000:]
+    assert json.loads((out / "critical.json").read_text())["scores"] == stored
+    assert json.loads((out / "factors.json").read_text())["provenance"]["critical_dim_search"]
