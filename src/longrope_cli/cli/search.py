@@ -14,6 +14,7 @@ Examples:
   $ longrope search --model testbed --target 2k --out runs/search-2k --resume      # after a kill
   $ longrope search --model ./ft-256k --target 2048k search.base_factors=./ft-256k/factors.json
   $ torchrun --nproc-per-node 8 -m longrope_cli search recipe.yaml search.backend=distributed
+  $ torchrun --nproc-per-node 8 -m longrope_cli search recipe.yaml --target 2048k search.backend=distributed parallel.context_parallel=2
   $ srun --kill-on-bad-exit=1 --ntasks-per-node 8 longrope search recipe.yaml search.backend=distributed
 """
 
