@@ -22,6 +22,19 @@ SEARCH = small_search(iterations=2, racing=True, seed=3,
                       validate_top=3, validate_documents=2, attention_search=True, attention_search_evals=4)
 
 
+RANK_ENV = {"OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE", "HF_HUB_OFFLINE": "1",
+            "PYTHONFAULTHANDLER": "1"}  # a rare exit -6 at teardown (README, known issue): show the Python stacks
+
+
+def torchrun_search(model_dir, out, ranks: int, overrides: list[str]) -> tuple[list[str], dict]:
+    """(command, environment) of a `longrope search` at 256 tokens over `ranks` gloo CPU ranks."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(ranks),
+               "-m", "longrope_cli", "search", "--model", str(model_dir), "--device", "cpu", "--target", "256",
+               "--out", str(out), "--no-progress", *overrides, "search.backend=distributed",
+               "parallel.dist_backend=gloo"]
+    return command, {**os.environ, **RANK_ENV}
+
+
 def run_ranks(command: list[str], env: dict, timeout: float, tmp_path: Path) -> subprocess.CompletedProcess:
     """torchrun, stopped on a timeout as a scheduler stops it (SIGTERM: torchrun ends its ranks), so a hang fails
     the test without leaving ranks behind. Output goes to files: a stray rank holding a pipe cannot block us."""
@@ -57,11 +70,7 @@ def one_process_search(model_dir, tmp_path, overrides: list[str]):
 def test_two_gloo_ranks_match_the_local_search(tiny_model_dir, tiny_corpus, tmp_path):
     common = [f"data.corpus={tiny_corpus}", *SEARCH]
     out = tmp_path / "dist"
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-               "-m", "longrope_cli", "search", "--model", str(tiny_model_dir), "--device", "cpu", "--target", "256",
-               "--out", str(out), "--no-progress", *common, "search.backend=distributed", "parallel.dist_backend=gloo"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE", "HF_HUB_OFFLINE": "1",
-           "PYTHONFAULTHANDLER": "1"}  # a rare exit -6 at teardown (README, known issue): show the Python stacks
+    command, env = torchrun_search(tiny_model_dir, out, 2, common)
     proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output[-8000:]
@@ -90,12 +99,7 @@ def test_context_parallel_groups_score_each_candidate_together_and_match_the_loc
     common = [f"data.corpus={tiny_corpus}", *small_search(iterations=2, seed=3, validate_top=2,
                                                           validate_documents=1)]
     out = tmp_path / "cp"
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "4",
-               "-m", "longrope_cli", "search", "--model", str(tiny_model_dir), "--device", "cpu", "--target", "256",
-               "--out", str(out), "--no-progress", *common, "search.backend=distributed", "parallel.dist_backend=gloo",
-               "parallel.context_parallel=2"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE", "HF_HUB_OFFLINE": "1",
-           "PYTHONFAULTHANDLER": "1"}
+    command, env = torchrun_search(tiny_model_dir, out, 4, [*common, "parallel.context_parallel=2"])
     proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=400)
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output[-8000:]
@@ -127,12 +131,7 @@ def test_a_context_parallel_group_resumes_the_boundary_sweep_in_lockstep(tiny_mo
     wait for each other in different collectives forever."""
     common = [f"data.corpus={tiny_corpus}", *small_search(iterations=1, seed=5), "search.critical_dim=search"]
     out = tmp_path / "cp"
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-               "-m", "longrope_cli", "search", "--model", str(tiny_model_dir), "--device", "cpu", "--target", "256",
-               "--out", str(out), "--no-progress", *common, "search.backend=distributed", "parallel.dist_backend=gloo",
-               "parallel.context_parallel=2"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE", "HF_HUB_OFFLINE": "1",
-           "PYTHONFAULTHANDLER": "1"}
+    command, env = torchrun_search(tiny_model_dir, out, 2, [*common, "parallel.context_parallel=2"])
     first = run_ranks(command, env, 300, tmp_path)
     assert first.returncode == 0, (first.stdout + first.stderr)[-8000:]
     stored = json.loads((out / "critical.json").read_text())["scores"]
