@@ -13,8 +13,9 @@ forward pass (with every weight already read in), i.e. what scoring one window c
   memory ~ L x hidden x (a dozen), never L x vocab.
 - loss-chunked: the same with the decoder MLPs over the whole sequence at once (what longrope did before it
   ran them `model.loss_chunk` positions at a time, `seqchunk.chunked_mlps`).
-- throughput: the forward's FLOPs (`bench_search.forward_flops`) per second, as a fraction of an fp32 matmul
-  measured in the same run on as many threads.
+- throughput: the forward's FLOPs (`bench_search.forward_flops`) per second, the best of `--repeats` warm
+  forwards at the cell's length (a search scores many windows of one length), as a fraction of an fp32 matmul
+  measured on as many threads in the same process just before them.
 - full: `model(ids, labels=ids)` -- transformers materialises the whole L x vocab logits tensor (and the
   loss makes float copies of it), so memory grows by ~ L x vocab x 4 bytes x a few.
 
@@ -92,9 +93,20 @@ def load(model_name: str, vocab: int, layers: int = 1):
     return model, layout_from_config(config, name="random")
 
 
+def _timed(work, cuda: bool) -> float:
+    import torch
+
+    started = time.perf_counter()
+    work()
+    if cuda:
+        torch.cuda.synchronize()
+    return time.perf_counter() - started
+
+
 def child(path: str, length: int, model_name: str, vocab: int, chunk: int, kv_group: int | None,
-          timing: bool = False, device: str = "cpu", dtype: str = "float32", layers: int = 1) -> dict:
-    """One measurement in this (fresh) process: memory, or (`timing`) the time of a forward after a short one.
+          timing: bool = False, device: str = "cpu", dtype: str = "float32", layers: int = 1,
+          repeats: int = 2) -> dict:
+    """One measurement in this (fresh) process: memory, or (`timing`) the time of warm forwards.
     On a GPU: the CUDA allocator's peak over what was allocated before the forward."""
     import torch
 
@@ -124,8 +136,11 @@ def child(path: str, length: int, model_name: str, vocab: int, chunk: int, kv_gr
                 return nll / count
             return float(model(input_ids=window, labels=window, use_cache=False).loss)
 
-    if timing:
-        score(ids[:, :2048])  # thread pools, kernels, first-touch pages
+    if timing:  # the best of `repeats` warm forwards at this length (a search scores many), against a matmul
+        score(ids)  # measured just before them: the ratio holds while a shared machine's speed drifts
+        rate = matmul_flops(torch.device(device), getattr(torch, dtype))
+        best = min(_timed(lambda: score(ids), cuda) for _ in range(repeats))
+        return {"path": path, "length": length, "seconds": best, "matmul": rate}
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -158,7 +173,7 @@ def measure(path: str, length: int, args: argparse.Namespace) -> dict:
     # also makes every large allocation fault in fresh pages, so the time is taken in a run without it.
     runs = [(command, {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"})]
     if not args.no_timing:
-        runs.append(([*command, "--timing"], dict(os.environ)))
+        runs.append(([*command, "--timing", "--repeats", str(args.repeats)], dict(os.environ)))
     results = []
     for argv, env in runs:
         done = subprocess.run(argv, capture_output=True, text=True, check=False, env=env)
@@ -169,7 +184,7 @@ def measure(path: str, length: int, args: argparse.Namespace) -> dict:
     memory = results[0]
     memory["memory_run_seconds"] = memory["seconds"]
     if len(results) > 1:
-        memory["seconds"] = results[1]["seconds"]
+        memory["seconds"], memory["matmul"] = results[1]["seconds"], results[1]["matmul"]
     return memory
 
 
@@ -187,6 +202,7 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32", help="float32 or bfloat16")
     parser.add_argument("--layers", type=int, default=1, help="llama2-7b-layer: decoder layers (1, 2, 4, ...)")
     parser.add_argument("--no-timing", action="store_true", help="skip the separate (warm) timing runs")
+    parser.add_argument("--repeats", type=int, default=2, help="timed warm forwards per cell (the best counts)")
     parser.add_argument("--timing", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--json", default=None, help="also write the measurements to this file")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -194,7 +210,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.child:
         print(json.dumps(child(args.child, args.length, args.model, args.vocab, args.chunk, args.kv_group,
-                               args.timing, args.device, args.dtype, args.layers)))
+                               args.timing, args.device, args.dtype, args.layers, args.repeats)))
         return
 
     from longrope_cli.lengths import format_length, parse_lengths
@@ -213,7 +229,8 @@ def main() -> None:
     peak_rate = matmul_flops(torch.device(args.device), getattr(torch, args.dtype))
     first = next((r for r in rows if "error" not in r), {})
     print(f"model: {args.model} (vocab {first.get('vocab')}, hidden {first.get('hidden')}), one window, "
-          f"fresh process per cell, loss chunk {args.chunk}; matmul {peak_rate / 1e9:.1f} GFLOP/s in this run")
+          f"fresh process per cell, loss chunk {args.chunk}; matmul {peak_rate / 1e9:.1f} GFLOP/s now (each "
+          f"cell's fraction is of a matmul measured just before its timed forwards)")
     print(f"{'length':>7} {'path':>9} {'extra peak MiB':>15} {'MiB per 1k tok':>15} {'seconds':>8} "
           f"{'of matmul':>9} {'loss':>8}")
     for row in rows:
@@ -223,7 +240,7 @@ def main() -> None:
         extra = row["extra"] / MIB
         print(f"{format_length(row['length']):>7} {row['path']:>9} {extra:>15.1f} "
               f"{extra / (row['length'] / 1024):>15.2f} {row['seconds']:>8.2f} "
-              f"{row['flops'] / row['seconds'] / peak_rate:>9.2f} {row['loss']:>8.4f}")
+              f"{row['flops'] / row['seconds'] / row.get('matmul', peak_rate):>9.2f} {row['loss']:>8.4f}")
     by = {(r["path"], r["length"]): r for r in rows if "error" not in r}
     lo, hi = min(lengths), max(lengths)
     for path in args.paths.split(","):

@@ -70,9 +70,16 @@ def _projections(attn: nn.Module, heads: int, kv_heads: int, d: int) -> tuple[tu
     return tuple((p.weight, p.bias) for p in (attn.q_proj, attn.k_proj, attn.v_proj))
 
 
-def _rows(weight_bias: tuple[torch.Tensor, torch.Tensor | None], first: int, last: int, d: int):
-    weight, bias = weight_bias
-    return weight[first * d:last * d], None if bias is None else bias[first * d:last * d]
+def _stacked(parts: list[tuple[tuple[torch.Tensor, torch.Tensor | None], int, int]], d: int):
+    """One (weight, bias) of the heads first..last of each (weight, bias), and each part's head count: the
+    group's projections as one matmul."""
+    weights = [w[first * d:last * d] for (w, _), first, last in parts]
+    with_bias = any(b is not None for (_, b), _, _ in parts)
+    biases = [b[first * d:last * d] if b is not None else w.new_zeros((last - first) * d)
+              for (w, b), first, last in parts] if with_bias else []
+    counts = [last - first for _, first, last in parts]
+    weight = weights[0] if len(weights) == 1 else torch.cat(weights)
+    return weight, (torch.cat(biases) if with_bias else None), counts
 
 
 def _rotary_chunk(rotary: nn.Module, hidden: torch.Tensor, positions: torch.Tensor, length: int):
@@ -90,73 +97,101 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
 
 
-def _query_block(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int, scale: float) -> torch.Tensor:
-    """Causal attention of the queries at start..start+n over keys 0..start+n (the CPU path): the square block
-    on the diagonal (causal) and the keys before it (unmasked), merged by their log-sum-exp, exactly the
-    softmax over all of them. The unmasked part splits evenly over threads, which one causal head does not
-    (the CPU kernel gives each thread a contiguous run of query blocks: 3/4 of the work to the last one)."""
+def _diagonal_blocks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk: int, scale: float):
+    """Causal attention of each `chunk`-sized block of a span (B, H, n, d) over its own block only, with its
+    log-sum-exp. The blocks go to the kernel as heads of one call, so each thread takes whole blocks: one causal
+    block per call would give one thread 3/4 of the work (the CPU kernel splits a head's query rows in runs)."""
     flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
-    stop = start + q.shape[2]
-    diagonal, diagonal_lse = flash(q, k[:, :, start:stop], v[:, :, start:stop], is_causal=True, scale=scale)[:2]
-    if start == 0:
-        return diagonal
-    past, past_lse = flash(q, k[:, :, :start], v[:, :, :start], is_causal=False, scale=scale)[:2]
-    lse = torch.logaddexp(past_lse, diagonal_lse)
-    return past * (past_lse - lse).exp().unsqueeze(-1) + diagonal * (diagonal_lse - lse).exp().unsqueeze(-1)
+    batch, heads, n, d = q.shape
+    blocks, rest = divmod(n, chunk)
+    if rest or blocks == 1:  # a ragged last span: block by block
+        parts = [flash(q[:, :, s:s + chunk], k[:, :, s:s + chunk], v[:, :, s:s + chunk], is_causal=True,
+                       scale=scale)[:2] for s in range(0, n, chunk)]
+        return torch.cat([p[0] for p in parts], 2), torch.cat([p[1] for p in parts], 2)
+    as_heads = (batch * heads, blocks, chunk, d)
+    out, lse = flash(q.reshape(as_heads), k.reshape(as_heads), v.reshape(as_heads), is_causal=True, scale=scale)[:2]
+    return out.reshape(batch, heads, n, d), lse.reshape(batch, heads, n)
 
 
-def _attention(layer: nn.Module, hidden: torch.Tensor, rotary: list[tuple[torch.Tensor, torch.Tensor]], chunk: int,
-               kv_group: int, attend: Attend | None) -> torch.Tensor:
-    """The attention block's output (before the residual add), `kv_group` key/value heads at a time.
+def _cpu_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int, chunk: int,
+                   scale: float) -> torch.Tensor:
+    """Causal attention of the queries q (B, H, n, d) at start..start+n over keys 0..start+n (the CPU path): per
+    `chunk` of queries, the square block on the diagonal (causal) and the keys before it (unmasked), merged by
+    their log-sum-exp: exactly the softmax over all of them. The unmasked part splits evenly over threads."""
+    flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    n = q.shape[2]
+    out, lse = _diagonal_blocks(q, k[:, :, start:start + n], v[:, :, start:start + n], chunk, scale)
+    for offset in range(0, n, chunk):
+        first = start + offset
+        if first == 0:
+            continue
+        rows = slice(offset, offset + chunk)
+        past, past_lse = flash(q[:, :, rows], k[:, :, :first], v[:, :, :first], is_causal=False, scale=scale)[:2]
+        # weights exp(lse_part - logaddexp(both)): the past's is sigmoid(past_lse - diagonal_lse)
+        out[:, :, rows].lerp_(past, torch.sigmoid(past_lse - lse[:, :, rows]).unsqueeze(-1))
+    return out
+
+
+def _attention(layer: nn.Module, hidden: torch.Tensor, rotary: list[tuple[torch.Tensor, torch.Tensor]], span: int,
+               chunk: int, kv_group: int, attend: Attend | None) -> None:
+    """Adds the attention block's output to `hidden` (the residual add), `kv_group` key/value heads at a time.
     `hidden` holds a sequence (or a context-parallel rank's share of one, with `attend` mixing across ranks),
-    `rotary` its cos / sin chunk by chunk. `attend` None (the CPU): queries a chunk at a time
-    (`_query_block`), so only the keys and values of the group exist at full length; otherwise `attend` takes
-    the group's whole q, k and v."""
+    `rotary` its cos / sin `span` positions at a time. The layer's normed input is computed once into a buffer
+    the size of `hidden`, so every head group projects from it while `hidden` already takes the earlier groups'
+    outputs. `attend` None (the CPU): queries a span at a time (`_cpu_attention`, `chunk`-sized blocks), so only
+    the keys and values of the group exist at full length; otherwise `attend` takes the group's whole q, k, v."""
     attn, config = layer.self_attn, layer.self_attn.config
     heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
     d, rep = attn.head_dim, heads // kv_heads
     rope = sys.modules[type(attn).__module__].apply_rotary_pos_emb  # the architecture's own (partial rotary too)
     wq, wk, wv = _projections(attn, heads, kv_heads, d)
     batch, local, _ = hidden.shape
-    spans = [slice(start, start + chunk) for start in range(0, local, chunk)]
+    spans = [slice(start, min(local, start + span)) for start in range(0, local, span)]
+    normed = torch.empty_like(hidden)
+    for rows in spans:
+        normed[:, rows] = layer.input_layernorm(hidden[:, rows])
 
-    def project(index: int, rows: tuple) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-        """(projections of the normed chunk, one per `rows`, as (B, heads, n, d)), and the chunk's cos / sin."""
-        x = layer.input_layernorm(hidden[:, spans[index]])
-        projected = [F.linear(x, w, b).view(batch, x.shape[1], -1, d).transpose(1, 2) for w, b in rows]
-        return projected, rotary[index]
+    def project(index: int, stacked: tuple) -> tuple[torch.Tensor, ...]:
+        """The stacked projections of the normed span `index`, split per part, as (B, heads, n, d)."""
+        x = normed[:, spans[index]]
+        weight, bias, counts = stacked
+        return F.linear(x, weight, bias).view(batch, x.shape[1], -1, d).transpose(1, 2).split(counts, dim=1)
 
-    out = torch.zeros_like(hidden)
+    whole = attend is not None
     for k0 in range(0, kv_heads, kv_group):
         k1 = min(kv_heads, k0 + kv_group)
-        q_rows, k_rows, v_rows = _rows(wq, k0 * rep, k1 * rep, d), _rows(wk, k0, k1, d), _rows(wv, k0, k1, d)
-        whole = attend is not None
+        q_part, kv_parts = (wq, k0 * rep, k1 * rep), [(wk, k0, k1), (wv, k0, k1)]
         q = hidden.new_empty(batch, (k1 - k0) * rep, local, d) if whole else None
         k = hidden.new_empty(batch, k1 - k0, local, d)
         v = torch.empty_like(k)
-        for index, span in enumerate(spans):  # rotated a chunk at a time: no full-length copies
+        first_pass = _stacked([q_part, *kv_parts] if whole else kv_parts, d)
+        for index, rows in enumerate(spans):  # rotated a span at a time: no full-length copies
+            cos, sin = rotary[index]
             if whole:
-                (q_c, k_c, v[:, :, span]), (cos, sin) = project(index, (q_rows, k_rows, v_rows))
-                q[:, :, span], k[:, :, span] = rope(q_c, k_c, cos, sin)
+                q_c, k_c, v[:, :, rows] = project(index, first_pass)
+                q[:, :, rows], k[:, :, rows] = rope(q_c, k_c, cos, sin)
             else:
-                (k_c, v[:, :, span]), (cos, sin) = project(index, (k_rows, v_rows))
-                k[:, :, span] = rope(k_c[:, :0], k_c, cos, sin)[1]  # zero query heads: keys rotated alone
+                k_c, v[:, :, rows] = project(index, first_pass)
+                k[:, :, rows] = rope(k_c[:, :0], k_c, cos, sin)[1]  # zero query heads: keys rotated alone
+        del first_pass
         if rep > 1:  # grouped-query attention: each kv head serves `rep` query heads
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-        w_o = attn.o_proj.weight[:, k0 * rep * d:k1 * rep * d]
+        w_o = attn.o_proj.weight[:, k0 * rep * d:k1 * rep * d].t()
         o = attend(q, k, v, attn.scaling) if whole else None
         del q
-        for index, span in enumerate(spans):
+        queries = None if whole else _stacked([q_part], d)
+        for index, rows in enumerate(spans):
             if whole:
-                piece = o[:, :, span]
+                piece = o[:, :, rows]
             else:
-                (q_c,), (cos, sin) = project(index, (q_rows,))
-                piece = _query_block(rope(q_c, q_c[:, :0], cos, sin)[0], k, v, span.start, attn.scaling)
-            out[:, span] += F.linear(piece.transpose(1, 2).reshape(batch, -1, w_o.shape[1]), w_o)
+                (q_c,), (cos, sin) = project(index, queries), rotary[index]
+                piece = _cpu_attention(rope(q_c, q_c[:, :0], cos, sin)[0], k, v, rows.start, chunk, attn.scaling)
+            piece = piece.transpose(1, 2).reshape(batch, -1, w_o.shape[0])
+            for b in range(batch):  # the o projection summed into the residual stream by the matmul itself
+                hidden[b, rows].addmm_(piece[b], w_o)
         del o, k, v
     if attn.o_proj.bias is not None:
-        out += attn.o_proj.bias
-    return out
+        hidden += attn.o_proj.bias
 
 
 @torch.no_grad()
@@ -165,7 +200,7 @@ def layerwise_hidden(model: Any, input_ids: torch.Tensor, chunk: int = 1024, kv_
                      attend: Attend | None = None) -> torch.Tensor:
     """The final hidden states (B, L, hidden) of the decoder, as `decoder(input_ids).last_hidden_state`, computed
     layer by layer: per-token work over `chunk` positions at a time, attention over `kv_group` kv heads at a time
-    (on the CPU its queries a chunk at a time too; on the GPU SDPA takes the whole sequence).
+    (on the CPU its queries a few chunks at a time too; on the GPU SDPA takes the whole sequence).
 
     Context parallel (`longrope_cli.context_parallel`): `input_ids` are this rank's tokens, at `positions` of a
     `length`-token sequence, and `attend` is the ring attention over the ranks; default: the whole sequence."""
@@ -178,11 +213,18 @@ def layerwise_hidden(model: Any, input_ids: torch.Tensor, chunk: int = 1024, kv_
         positions = torch.arange(local, device=input_ids.device)
     length = local if length is None else length
     hidden = decoder.embed_tokens(input_ids)
+    # Attention works on spans of several chunks: fewer, larger kernel calls. Its temporaries, a few span x
+    # (one group's heads) tensors, stay at a few chunk x hidden (below the MLP's chunk x intermediate x 3);
+    # on the CPU at least one `_diagonal_blocks` block per thread.
+    config = model.config
+    groups = -(-config.num_key_value_heads // kv_group)
+    blocks = max(groups, torch.get_num_threads()) if attend is None else groups
+    query_span = chunk * blocks
     # cos / sin once for every layer (head_dim values per token, a fraction of one hidden vector)
-    rotary = [_rotary_chunk(decoder.rotary_emb, hidden, positions[start:start + chunk], length)
-              for start in range(0, local, chunk)]
+    rotary = [_rotary_chunk(decoder.rotary_emb, hidden, positions[start:start + query_span], length)
+              for start in range(0, local, query_span)]
     for index, layer in enumerate(decoder.layers):
-        hidden += _attention(layer, hidden, rotary, chunk, kv_group, attend)
+        _attention(layer, hidden, rotary, query_span, chunk, kv_group, attend)
         for start in range(0, local, chunk):
             span = slice(start, start + chunk)
             hidden[:, span] += layer.mlp(layer.post_attention_layernorm(hidden[:, span]))
