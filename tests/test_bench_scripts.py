@@ -46,3 +46,19 @@ def test_quality_bench_scores_searches_through_plain_transformers_and_resumes(tm
     again = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
     assert again.returncode == 0 and "== search" not in again.stdout  # everything reused
     assert json.loads((tmp_path / "scores.json").read_text()) == scores
+
+
+@pytest.mark.integration
+def test_scoring_memory_bench_measures_every_path_on_the_same_loss(tmp_path):
+    out = tmp_path / "bench.json"
+    command = [sys.executable, str(ROOT / "scripts/bench_eval_memory.py"), "--model", "random", "--vocab", "512",
+               "--lengths", "512", "--paths", "layerwise,full", "--chunk", "128", "--repeats", "1",
+               "--json", str(out)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = json.loads(out.read_text())
+    assert [r["path"] for r in rows] == ["layerwise", "full"]
+    assert all(r["extra"] > 0 and r["seconds"] > 0 and r["matmul"] > 0 for r in rows)
+    assert max(r["loss"] for r in rows) - min(r["loss"] for r in rows) < 1e-4  # one window, two exact paths
+    assert "of matmul" in done.stdout

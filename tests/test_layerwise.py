@@ -8,7 +8,7 @@ import torch
 
 from conftest import ARCHITECTURES
 from conftest import tiny_architecture as tiny
-from longrope_cli.layerwise import causal_attention, layerwise_hidden, unsupported
+from longrope_cli.layerwise import _cpu_attention, causal_attention, layerwise_hidden, unsupported
 from longrope_cli.losses import decoder_of
 from longrope_cli.rope.factors import FactorSet
 from longrope_cli.rope.layout import layout_from_config
@@ -34,6 +34,22 @@ def test_layerwise_equals_the_models_forward_with_factors_installed(kind, kv_gro
         reference = decoder_of(model)(input_ids=ids, use_cache=False).last_hidden_state
         ours = layerwise_hidden(model, ids, chunk=48, kv_group=kv_group, attend=attend)
     torch.testing.assert_close(ours, reference, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("batch, heads, length, span, chunk", [
+    (1, 1, 256, 128, 32),  # spans of whole blocks: the blocks go to the kernel as heads of one call
+    (2, 3, 250, 96, 32),   # a ragged last span, block by block
+    (1, 2, 64, 64, 64),    # one block per span
+])
+def test_cpu_attention_over_spans_equals_causal_attention_whatever_the_thread_count(batch, heads, length, span,
+                                                                                     chunk):
+    """Queries a span at a time against all earlier keys give the whole-sequence causal softmax; the block layout
+    follows the span (not the thread count, which only sizes the span), so each case runs here on any machine."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(batch, heads, length, 16) for _ in range(3))
+    reference = causal_attention(q, k, v, 0.25)
+    ours = torch.cat([_cpu_attention(q[:, :, s:s + span], k, v, s, chunk, 0.25) for s in range(0, length, span)], 2)
+    torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-6)
 
 
 def test_a_sliding_window_shorter_than_the_sequence_keeps_the_standard_forward():
