@@ -14,8 +14,8 @@ forward pass (with every weight already read in), i.e. what scoring one window c
 - loss-chunked: the same with the decoder MLPs over the whole sequence at once (what longrope did before it
   ran them `model.loss_chunk` positions at a time, `seqchunk.chunked_mlps`).
 - throughput: the forward's FLOPs (`bench_search.forward_flops`) per second, the best of `--repeats` warm
-  forwards at the cell's length (a search scores many windows of one length), as a fraction of an fp32 matmul
-  measured on as many threads in the same process just before them.
+  forwards at the cell's length (a search scores many windows of one length), as a fraction of the fastest fp32
+  matmul on as many threads measured in the run (each timing process measures one beside its forwards).
 - full: `model(ids, labels=ids)` -- transformers materialises the whole L x vocab logits tensor (and the
   loss makes float copies of it), so memory grows by ~ L x vocab x 4 bytes x a few.
 
@@ -136,8 +136,8 @@ def child(path: str, length: int, model_name: str, vocab: int, chunk: int, kv_gr
                 return nll / count
             return float(model(input_ids=window, labels=window, use_cache=False).loss)
 
-    if timing:  # the best of `repeats` warm forwards at this length (a search scores many), against a matmul
-        score(ids)  # measured just before them: the ratio holds while a shared machine's speed drifts
+    if timing:  # the best of `repeats` warm forwards at this length (a search scores many), and a matmul
+        score(ids)  # measured beside them
         rate = matmul_flops(torch.device(device), getattr(torch, dtype))
         best = min(_timed(lambda: score(ids), cuda) for _ in range(repeats))
         return {"path": path, "length": length, "seconds": best, "matmul": rate}
@@ -226,11 +226,12 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(min(2, torch.get_num_threads()))  # as the children run
-    peak_rate = matmul_flops(torch.device(args.device), getattr(torch, args.dtype))
+    # the fastest matmul of the run (the parent's and each timing process's): a shared machine only slows down
+    peak_rate = max([matmul_flops(torch.device(args.device), getattr(torch, args.dtype)),
+                     *(r["matmul"] for r in rows if "matmul" in r)])
     first = next((r for r in rows if "error" not in r), {})
     print(f"model: {args.model} (vocab {first.get('vocab')}, hidden {first.get('hidden')}), one window, "
-          f"fresh process per cell, loss chunk {args.chunk}; matmul {peak_rate / 1e9:.1f} GFLOP/s now (each "
-          f"cell's fraction is of a matmul measured just before its timed forwards)")
+          f"fresh process per cell, loss chunk {args.chunk}; fastest matmul of the run {peak_rate / 1e9:.1f} GFLOP/s")
     print(f"{'length':>7} {'path':>9} {'extra peak MiB':>15} {'MiB per 1k tok':>15} {'seconds':>8} "
           f"{'of matmul':>9} {'loss':>8}")
     for row in rows:
@@ -240,7 +241,7 @@ def main() -> None:
         extra = row["extra"] / MIB
         print(f"{format_length(row['length']):>7} {row['path']:>9} {extra:>15.1f} "
               f"{extra / (row['length'] / 1024):>15.2f} {row['seconds']:>8.2f} "
-              f"{row['flops'] / row['seconds'] / row.get('matmul', peak_rate):>9.2f} {row['loss']:>8.4f}")
+              f"{row['flops'] / row['seconds'] / peak_rate:>9.2f} {row['loss']:>8.4f}")
     by = {(r["path"], r["length"]): r for r in rows if "error" not in r}
     lo, hi = min(lengths), max(lengths)
     for path in args.paths.split(","):
