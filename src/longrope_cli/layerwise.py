@@ -148,8 +148,8 @@ def _attention(layer: nn.Module, hidden: torch.Tensor, rotary: list[tuple[torch.
     batch, local, _ = hidden.shape
     spans = [slice(start, min(local, start + span)) for start in range(0, local, span)]
     normed = torch.empty_like(hidden)
-    for rows in spans:
-        normed[:, rows] = layer.input_layernorm(hidden[:, rows])
+    for start in range(0, local, chunk):  # chunks, not spans: a norm's temporaries are hidden-wide
+        normed[:, start:start + chunk] = layer.input_layernorm(hidden[:, start:start + chunk])
 
     def project(index: int, stacked: tuple) -> tuple[torch.Tensor, ...]:
         """The stacked projections of the normed span `index`, split per part, as (B, heads, n, d)."""
