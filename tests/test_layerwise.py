@@ -36,6 +36,22 @@ def test_layerwise_equals_the_models_forward_with_factors_installed(kind, kv_gro
     torch.testing.assert_close(ours, reference, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("attend", [None, causal_attention], ids=["query-blocks", "whole-sequence"])
+def test_bfloat16_layerwise_is_as_close_to_float32_as_the_models_bfloat16_forward(attend):
+    """bf16 runs (GPUs score in it): the log-sum-exp merge mixes the kernel's fp32 statistics into bf16 outputs,
+    and each head's output is added to a bf16 residual stream in turn; neither may cost accuracy."""
+    model = tiny("llama-gqa").eval()
+    ids = torch.randint(3, 96, (1, 200))
+    with torch.no_grad():
+        reference = decoder_of(model)(input_ids=ids, use_cache=False).last_hidden_state
+        model.to(torch.bfloat16)
+        theirs = decoder_of(model)(input_ids=ids, use_cache=False).last_hidden_state.float()
+        ours = layerwise_hidden(model, ids, chunk=48, attend=attend)
+    assert ours.dtype == torch.bfloat16
+    error = (ours.float() - reference).norm() / reference.norm()
+    assert error <= 1.5 * (theirs - reference).norm() / reference.norm() + 1e-3
+
+
 @pytest.mark.parametrize("batch, heads, length, span, chunk", [
     (1, 1, 256, 128, 32),  # spans of whole blocks: the blocks go to the kernel as heads of one call
     (2, 3, 250, 96, 32),   # a ragged last span, block by block

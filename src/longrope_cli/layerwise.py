@@ -2,10 +2,11 @@
 
 Only attention mixes positions. So, per decoder layer, everything else runs over slices of the sequence
 (norms, the q / k / v / o projections, the MLP, the residual adds, in place), and attention runs over the whole
-sequence one group of heads at a time: q, k and v of all heads never exist at once. On the GPU SDPA takes the
-group's whole q, k, v (flash kernels); on the CPU the queries go a chunk at a time against the group's keys
-(`_query_block`), which also keeps both threads busy. With the loss
-computed from hidden states in chunks (`losses.chunked_nll`) there is no KV cache and no L x vocab tensor.
+sequence one group of heads at a time: q, k and v of all heads never exist at once. The layer's normed input is
+kept (one L x hidden buffer) so that every head group projects from it. On the GPU SDPA takes the group's whole
+q, k, v (flash kernels); on the CPU the queries go a span of a few chunks at a time against the group's keys
+(`_cpu_attention`), which also keeps every thread busy. With the loss computed from hidden states in chunks
+(`losses.chunked_nll`) there is no KV cache and no L x vocab tensor.
 The result equals the model's own forward to floating-point summation order (tests compare them).
 
 It serves the decoder layers transformers builds for Llama, Mistral (without a sliding window shorter than the
@@ -128,7 +129,7 @@ def _cpu_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int
         rows = slice(offset, offset + chunk)
         past, past_lse = flash(q[:, :, rows], k[:, :, :first], v[:, :, :first], is_causal=False, scale=scale)[:2]
         # weights exp(lse_part - logaddexp(both)): the past's is sigmoid(past_lse - diagonal_lse)
-        out[:, :, rows].lerp_(past, torch.sigmoid(past_lse - lse[:, :, rows]).unsqueeze(-1))
+        out[:, :, rows].lerp_(past, torch.sigmoid(past_lse - lse[:, :, rows]).unsqueeze(-1).to(out.dtype))
     return out
 
 
