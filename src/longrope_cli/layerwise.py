@@ -105,7 +105,7 @@ def _diagonal_blocks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk: i
     flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
     batch, heads, n, d = q.shape
     blocks, rest = divmod(n, chunk)
-    if rest or blocks == 1:  # a ragged last span: block by block
+    if rest:  # a ragged last span: block by block
         parts = [flash(q[:, :, s:s + chunk], k[:, :, s:s + chunk], v[:, :, s:s + chunk], is_causal=True,
                        scale=scale)[:2] for s in range(0, n, chunk)]
         return torch.cat([p[0] for p in parts], 2), torch.cat([p[1] for p in parts], 2)
