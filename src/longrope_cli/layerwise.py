@@ -216,10 +216,9 @@ def layerwise_hidden(model: Any, input_ids: torch.Tensor, chunk: int = 1024, kv_
     hidden = decoder.embed_tokens(input_ids)
     # Attention works on spans of several chunks: fewer, larger kernel calls. Its temporaries, a few span x
     # (one group's heads) tensors, stay at a few chunk x hidden (below the MLP's chunk x intermediate x 3);
-    # on the CPU at least one `_diagonal_blocks` block per thread.
-    config = model.config
-    groups = -(-config.num_key_value_heads // kv_group)
-    blocks = max(groups, torch.get_num_threads()) if attend is None else groups
+    # on the CPU a `_diagonal_blocks` block per thread (up to 8: the diagonal is a small part of the work).
+    groups = -(-model.config.num_key_value_heads // kv_group)
+    blocks = max(groups, min(8, torch.get_num_threads())) if attend is None else groups
     query_span = chunk * blocks
     # cos / sin once for every layer (head_dim values per token, a fraction of one hidden vector)
     rotary = [_rotary_chunk(decoder.rotary_emb, hidden, positions[start:start + query_span], length)
