@@ -46,7 +46,9 @@ from functools import partial  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_search import forward_flops, matmul_flops  # noqa: E402  (one FLOP count for every benchmark)
+# one FLOP count and one way to time a call for every benchmark
+from bench_search import forward_flops, matmul_flops  # noqa: E402
+from bench_search import measure as measure_call  # noqa: E402
 
 PATHS = ("layerwise", "chunked", "loss-chunked", "full")
 MIB = 1024 * 1024
@@ -93,16 +95,6 @@ def load(model_name: str, vocab: int, layers: int = 1):
     return model, layout_from_config(config, name="random")
 
 
-def _timed(work, cuda: bool) -> float:
-    import torch
-
-    started = time.perf_counter()
-    work()
-    if cuda:
-        torch.cuda.synchronize()
-    return time.perf_counter() - started
-
-
 def child(path: str, length: int, model_name: str, vocab: int, chunk: int, kv_group: int | None,
           timing: bool = False, device: str = "cpu", dtype: str = "float32", layers: int = 1,
           repeats: int = 2) -> dict:
@@ -139,7 +131,7 @@ def child(path: str, length: int, model_name: str, vocab: int, chunk: int, kv_gr
     if timing:  # the best of `repeats` warm forwards at this length (a search scores many), and a matmul
         score(ids)  # measured beside them
         rate = matmul_flops(torch.device(device), getattr(torch, dtype))
-        best = min(_timed(lambda: score(ids), cuda) for _ in range(repeats))
+        best = min(measure_call(lambda: score(ids), torch.device(device))[0] for _ in range(repeats))
         return {"path": path, "length": length, "seconds": best, "matmul": rate}
     if cuda:
         torch.cuda.synchronize()
